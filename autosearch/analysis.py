@@ -1,0 +1,188 @@
+"""Analysis: the searchable units of a model, with parameters and FLOPs.
+
+For the ``bits`` knob a unit is a layer with weights that ONNX Runtime's
+quantizer can take (Conv, MatMul, Gemm, plus Gather of an embedding table).
+For a model that came from PyTorch, a unit is named by its module path
+(``layer1.0.conv1``) and owns every ONNX node the module (or what replaced it,
+such as the two factors of a low-rank split) exported; for an ONNX-only model
+a unit is one node, named by the node's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["QuantUnit", "module_path_of_node", "node_unit_map", "quant_units", "units_frame"]
+
+QUANT_OPS = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class QuantUnit:
+    """One unit of the bits knob.
+
+    Attributes:
+        name: Module path (torch models) or node name (ONNX models).
+        op_types: ONNX op types of its nodes.
+        nodes: Names of its quantizable ONNX nodes.
+        params: Weight parameters in those nodes.
+        flops: Multiply-accumulates x2 at the example input's shape (0 where unknown).
+    """
+
+    name: str
+    op_types: tuple[str, ...]
+    nodes: tuple[str, ...]
+    params: int
+    flops: int
+
+
+def module_path_of_node(node_name: str) -> str:
+    """Recover the torch module path from a TorchScript-exported node name.
+
+    ``/layer1.0/fc/fc.0/Gemm`` -> ``layer1.0.fc.0``; ``/stem/stem.0/Conv`` -> ``stem.0``.
+    Each scope segment is the child's name, sometimes prefixed with its parent's
+    (``fc.0`` under ``fc``), so overlapping segments are merged.
+
+    Example:
+        >>> module_path_of_node("/layer1.0/conv1/Conv")
+        'layer1.0.conv1'
+    """
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) <= 1:
+        return ""
+    segs = parts[:-1]
+    path: list[str] = []
+    for seg in segs:
+        if path:
+            head = seg.split(".")
+            # merge "fc" + "fc.0" -> "fc.0"; "layer1" + "layer1.0" -> "layer1.0"
+            if len(head) > 1 and ".".join(path[-1:]) == head[0]:
+                path[-1:] = head
+                continue
+            if seg.startswith(".".join(path) + "."):
+                path = seg.split(".")
+                continue
+        path.extend(seg.split("."))
+    return ".".join(path)
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return {}
+    out: dict[str, list[int]] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
+        out[vi.name] = dims
+    return out
+
+
+def _node_cost(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], shapes: dict[str, list[int]]) -> tuple[int, int]:
+    """(weight params, FLOPs) of one node; FLOPs 0 where shapes are unknown."""
+    weight = next((inits[i] for i in node.input[1:2] if i in inits), None)
+    if weight is None:
+        return 0, 0
+    wshape = list(weight.dims)
+    params = int(np.prod(wshape)) if wshape else 0
+    bias = inits.get(node.input[2]) if len(node.input) > 2 else None
+    if bias is not None:
+        params += int(np.prod(list(bias.dims)))
+    out_shape = shapes.get(node.output[0])
+    if not out_shape:
+        return params, 0
+    out_elems = int(np.prod(out_shape))
+    if node.op_type == "Conv":
+        per_out = int(np.prod(wshape[1:]))  # cin/groups * kh * kw
+        return params, 2 * out_elems * per_out
+    if node.op_type in ("MatMul", "Gemm"):
+        trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        k = wshape[1] if (node.op_type == "Gemm" and trans_b) else wshape[0]
+        return params, 2 * out_elems * k
+    return params, 0
+
+
+def quant_units(model: onnx.ModelProto, *, by_module: bool = False, known_units: Iterable[str] | None = None) -> list[QuantUnit]:
+    """List the units of the bits knob.
+
+    Args:
+        model: The float ONNX model.
+        by_module: Group nodes by torch module path (for models exported from PyTorch).
+        known_units: Unit names decided earlier (e.g. before a low-rank split): nodes
+            map to the longest known name that prefixes their module path.
+
+    Returns:
+        Units in graph order. Nodes whose weight is not an initializer are skipped
+        (the quantizers cannot take them).
+    """
+    inits = _initializers(model)
+    shapes = _shapes(model)
+    mapping = node_unit_map(model, by_module=by_module, known_units=known_units)
+    order: list[str] = []
+    acc: dict[str, dict[str, list]] = {}
+    for node in model.graph.node:
+        unit = mapping.get(node.name)
+        if unit is None:
+            continue
+        params, flops = _node_cost(node, inits, shapes)
+        if unit not in acc:
+            order.append(unit)
+            acc[unit] = {"ops": [], "nodes": [], "params": [0], "flops": [0]}
+        acc[unit]["ops"].append(node.op_type)
+        acc[unit]["nodes"].append(node.name)
+        acc[unit]["params"][0] += params
+        acc[unit]["flops"][0] += flops
+    return [
+        QuantUnit(u, tuple(dict.fromkeys(acc[u]["ops"])), tuple(acc[u]["nodes"]), acc[u]["params"][0], acc[u]["flops"][0])
+        for u in order
+    ]
+
+
+def node_unit_map(model: onnx.ModelProto, *, by_module: bool, known_units: Iterable[str] | None = None) -> dict[str, str]:
+    """Map each quantizable node (weight is an initializer) to its unit name."""
+    inits = _initializers(model)
+    known = sorted(set(known_units or ()), key=len, reverse=True)
+    out: dict[str, str] = {}
+    for k, node in enumerate(model.graph.node):
+        if node.op_type not in QUANT_OPS:
+            continue
+        if len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        name = node.name or f"{node.op_type}_{k}"
+        unit = name
+        if by_module:
+            path = module_path_of_node(name)
+            if path:
+                unit = path
+                for cand in known:
+                    if path == cand or path.startswith(cand + "."):
+                        unit = cand
+                        break
+        out[name] = unit
+    return out
+
+
+def units_frame(units: list[QuantUnit]):  # -> pandas.DataFrame
+    """The units as a DataFrame (name, ops, nodes, params, flops, flops share)."""
+    import pandas as pd
+
+    total = sum(u.flops for u in units) or 1
+    return pd.DataFrame(
+        {
+            "unit": [u.name for u in units],
+            "ops": [",".join(u.op_types) for u in units],
+            "nodes": [len(u.nodes) for u in units],
+            "params": [u.params for u in units],
+            "mflops": [u.flops / 1e6 for u in units],
+            "flops_share": [u.flops / total for u in units],
+        }
+    )

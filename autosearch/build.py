@@ -1,0 +1,292 @@
+"""Build a candidate: prune -> low-rank -> recover -> export ONNX -> quantize.
+
+Structural changes (pruning, low-rank) are made on a copy of the torch module
+and re-exported; ONNX-only models get low-rank on the graph itself.
+Quantization is ONNX Runtime's own quantizer: static QDQ with calibration
+(``quantize_static``) or dynamic (``quantize_dynamic``); per-unit precision is
+set by excluding float units' nodes and, for 16/4 bits, by the quantizer's
+per-tensor overrides. Nothing here re-implements what the quantizer does.
+
+Any failure of the libraries doing the work (exporter, quantizer, ORT) is a
+:class:`~autosearch.errors.CandidateError`: the trial fails with the reason
+and the search goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from autosearch.analysis import node_unit_map
+from autosearch.candidate import Candidate
+from autosearch.errors import CandidateError, ConfigError
+from autosearch.model import SourceModel, export_onnx
+
+__all__ = ["BuildResult", "build_candidate", "quantize_model"]
+
+_log = logging.getLogger("autosearch")
+
+
+@dataclass
+class BuildResult:
+    """What a build produced."""
+
+    path: Path
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+class _Reader:
+    """ORT ``CalibrationDataReader`` over a list of feeds."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = list(feeds)
+        self._it: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+
+def batch_feeds(feeds: Sequence[dict[str, np.ndarray]], batch: int) -> list[dict[str, np.ndarray]]:
+    """Concatenate single-sample feeds into batches (for models with a free batch dimension)."""
+    if batch <= 1:
+        return list(feeds)
+    out = []
+    for i in range(0, len(feeds), batch):
+        chunk = feeds[i : i + batch]
+        out.append({k: np.concatenate([f[k] for f in chunk]) for k in chunk[0]})
+    return out
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    out_path: Path,
+    *,
+    bits: dict[str, int],
+    unit_of_node: dict[str, str],
+    options: dict[str, Any],
+    calibration: Sequence[dict[str, np.ndarray]],
+    notes: list[str] | None = None,
+) -> Path:
+    """Quantize ``model`` with ONNX Runtime's quantizer, per-unit precision.
+
+    Args:
+        model: Float model.
+        out_path: Where the quantized model goes.
+        bits: Unit -> bits (32 float, 16, 8, 4).
+        unit_of_node: Quantizable node name -> unit (nodes not in it stay float).
+        options: ``mode``, ``activation_type``, ``per_channel``, ``preprocess``, ``calibrate_method``.
+        calibration: Feeds for static calibration.
+
+    Raises:
+        CandidateError: the quantizer or pre-processing failed.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    notes = notes if notes is not None else []
+    work = Path(tempfile.mkdtemp(prefix="as_q_"))
+    # the quantizer logs "consider pre-processing" through the root logger on every call
+    logging.disable(logging.WARNING)
+    try:
+        src = work / "float.onnx"
+        onnx.save(model, str(src))
+        # units are tracked by weight initializer as well as by node name: pre-processing
+        # fuses nodes (MatMul+Add -> Gemm under a new name) but keeps the weight tensor
+        unit_of_weight = {n.input[1]: unit_of_node[n.name] for n in model.graph.node if n.name in unit_of_node and len(n.input) > 1}
+        if options.get("preprocess"):
+            pre = work / "pre.onnx"
+            try:
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            except Exception as exc:
+                raise CandidateError(f"quant_pre_process failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
+            src = pre
+        graph = onnx.load(str(src))
+        node_unit: dict[str, str] = {}
+        for n in graph.graph.node:
+            if n.name in unit_of_node:
+                node_unit[n.name] = unit_of_node[n.name]
+            elif n.op_type in ("Conv", "MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in unit_of_weight:
+                node_unit[n.name] = unit_of_weight[n.input[1]]
+        unit_of_node = node_unit
+        quant_nodes = [n for n in graph.graph.node if n.name in unit_of_node]
+        exclude = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) == 32]
+        quantized = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) != 32]
+        if not quantized:
+            raise CandidateError("no node of the units set to quantize was found in the graph")
+        weight_of = {n.name: n.input[1] for n in quant_nodes if len(n.input) > 1}
+        overrides: dict[str, list[dict[str, Any]]] = {}
+        for name in quantized:
+            b = bits[unit_of_node[name]]
+            if b in (16, 4):
+                qt = {16: QuantType.QInt16, 4: QuantType.QInt4}[b]
+                overrides[weight_of[name]] = [{"quant_type": qt}]
+        mode = options.get("mode", "static")
+        if mode == "dynamic":
+            if overrides:
+                raise CandidateError("16/4-bit units need static quantization (mode: static)")
+            try:
+                quantize_dynamic(
+                    str(src),
+                    str(out_path),
+                    per_channel=bool(options.get("per_channel", False)),
+                    reduce_range=bool(options.get("reduce_range", False)),
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=[n.name for n in graph.graph.node if n.name and n.name not in quantized],
+                    extra_options={"MatMulConstBOnly": True},
+                )
+            except Exception as exc:
+                raise CandidateError(f"quantize_dynamic failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
+        else:
+            act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[options.get("activation_type", "uint8")]
+            method = {
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }[options.get("calibrate_method", "minmax")]
+            extra: dict[str, Any] = {}
+            if overrides:
+                extra["TensorQuantOverrides"] = overrides
+            try:
+                quantize_static(
+                    str(src),
+                    str(out_path),
+                    _Reader(calibration),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=bool(options.get("per_channel", True)),
+                    reduce_range=bool(options.get("reduce_range", False)),
+                    activation_type=act,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude,
+                    calibrate_method=method,
+                    extra_options=extra,
+                )
+            except Exception as exc:
+                raise CandidateError(f"quantize_static failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
+        notes.append(f"quantized {len(quantized)} node(s), {len(exclude)} kept float ({mode})")
+        return out_path
+    finally:
+        logging.disable(logging.NOTSET)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_candidate(
+    source: SourceModel,
+    cand: Candidate,
+    out_dir: Path,
+    *,
+    bits_units: Sequence[str],
+    calibration: Sequence[dict[str, np.ndarray]],
+) -> BuildResult:
+    """Build ``cand`` from ``source`` into ``out_dir/model.onnx``.
+
+    Args:
+        source: The imported model (never modified).
+        cand: The candidate.
+        out_dir: Its folder (created).
+        bits_units: All unit names of the bits knob (to map nodes of re-exported graphs).
+        calibration: Single-sample feeds for calibration (quantization and BatchNorm).
+
+    Raises:
+        CandidateError: a stage failed.
+        ConfigError: the candidate asks for something this model cannot do.
+    """
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "model.onnx"
+    notes: list[str] = []
+    stages: dict[str, float] = {}
+    proto = source.onnx_model
+    if cand.structural:
+        t = time.perf_counter()
+        proto = _structural(source, cand, calibration, out_dir)
+        stages["structural_s"] = time.perf_counter() - t
+    free_batch = source.input_batch_fixed() is None
+    if cand.quantized:
+        t = time.perf_counter()
+        by_module = source.origin == "torch"
+        unit_of_node = node_unit_map(proto, by_module=by_module, known_units=bits_units)
+        if not by_module:
+            unit_of_node = {n: _onnx_unit(n, bits_units) for n in unit_of_node}
+            unit_of_node = {n: u for n, u in unit_of_node.items() if u}
+        feeds = batch_feeds(calibration, 32 if free_batch else 1)
+        quantize_model(proto, out, bits=dict(cand.bits), unit_of_node=unit_of_node, options=dict(cand.quant), calibration=feeds, notes=notes)
+        stages["quantize_s"] = time.perf_counter() - t
+    else:
+        onnx.save(proto, str(out))
+    return BuildResult(out, time.perf_counter() - t0, notes, stages)
+
+
+def _onnx_unit(node_name: str, units: Sequence[str]) -> str | None:
+    """Unit of a node in an ONNX-only model: itself, or the node it was factorized from."""
+    if node_name in units:
+        return node_name
+    best = None
+    for u in units:
+        if node_name.startswith(u) and (best is None or len(u) > len(best)):
+            best = u
+    return best
+
+
+def _structural(source: SourceModel, cand: Candidate, calibration: Sequence[dict[str, np.ndarray]], out_dir: Path) -> onnx.ModelProto:
+    prune = {u: p for u, p in cand.prune.items() if p > 0}
+    rank = {u: r for u, r in cand.rank.items() if r < 1}
+    if source.origin == "torch":
+        import torch
+
+        from autosearch.transforms.structural import apply_structural
+
+        rec = dict(cand.recovery)
+        n_cal = int(rec.get("calibration_samples", 200))
+        feeds = calibration[:n_cal]
+        names = source.input_names
+        cal_batches = [
+            tuple(torch.from_numpy(b[n]) for n in names) for b in batch_feeds(feeds, 32)
+        ]
+        try:
+            module = apply_structural(
+                source.torch_module,
+                source.torch_example,
+                prune=prune,
+                rank=rank,
+                calibration=cal_batches,
+                recalibrate_bn=bool(rec.get("bn_recalibration", True)),
+                distill_steps=int(rec.get("distill_steps", 0)),
+                distill_lr=float(rec.get("distill_lr", 1e-3)),
+            )
+        except ConfigError:
+            raise
+        except CandidateError:
+            raise
+        except Exception as exc:
+            raise CandidateError(f"structural transform failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
+        path = export_onnx(module, source.torch_example, out_dir / "structural.onnx", input_names=names, output_names=source.output_names)
+        proto = onnx.load(str(path))
+        path.unlink(missing_ok=True)
+        return proto
+    if prune:
+        raise ConfigError(
+            "structured pruning needs the PyTorch model: this study was given an ONNX file. "
+            "Remove 'prune' from the search space's knobs, or pass the nn.Module"
+        )
+    from autosearch.transforms.lowrank_onnx import apply_onnx_lowrank
+
+    try:
+        return apply_onnx_lowrank(source.onnx_model, rank)
+    except (ConfigError, CandidateError):
+        raise
+    except Exception as exc:
+        raise CandidateError(f"ONNX low-rank failed: {type(exc).__name__}: {str(exc)[:400]}") from exc

@@ -1,0 +1,237 @@
+"""Command line: the same powers as the Python API.
+
+Run ``autosearch <command> --help`` for examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from autosearch.errors import AutosearchError, ConfigError
+
+__all__ = ["main"]
+
+_EPILOG = """examples:
+  autosearch demo                                  # search the embedded digits CNN (20 trials)
+  autosearch search --model model.onnx --data val.npz --study mine --n-trials 40
+  autosearch resume mine --n-trials 20             # continue a study where it stopped
+  autosearch front mine                            # the Pareto front as a table
+  autosearch analyze --model model.onnx            # units, parameters and FLOPs
+
+Studies live in ./studies/<name>.db (SQLite) with artifacts in ./studies/<name>/.
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--studies-dir", default="studies", help="home of study databases and artifacts (default: %(default)s)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<studies-dir>/<study>.db); "
+                   "use postgresql://... to share a study between machines")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="autosearch",
+        description="Search per-layer pruning, low-rank and precision of a model, with latency measured "
+        "by ONNX Runtime on this machine, and keep the Pareto front of accuracy vs latency.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="search the embedded digits CNN and print the front",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="examples:\n  autosearch demo\n  autosearch demo --n-trials 40 --threads 2 --study demo2t\n")
+    demo.add_argument("--study", default="demo", help="study name (default: %(default)s); run again to resume")
+    demo.add_argument("--n-trials", type=int, default=None, help="trials to run now (default: the space's budget, 20)")
+    demo.add_argument("--space", default="cnn", help="preset name or YAML path (default: %(default)s)")
+    demo.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default: %(default)s)")
+    demo.add_argument("--studies-dir", default="studies", help="home of study databases and artifacts (default: %(default)s)")
+
+    s = sub.add_parser(
+        "search", help="run a search (resumes when the study exists)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  autosearch search --model default --study digits --n-trials 30\n"
+        "  autosearch search --model net.onnx --data val.npz --space quant --study net\n"
+        "  autosearch search --model net.onnx --metric top1 --study net-fidelity   # no labels\n\n"
+        "--data is an .npz file: 'x' (or one array per model input, by input name) and, for labelled\n"
+        "scoring, 'y'. Optional 'calib' holds calibration samples (default: the evaluation samples).\n"
+        "Without 'y' the score is fidelity to the original model's outputs.\n",
+    )
+    s.add_argument("--model", default="default", help="'default' (the digits CNN) or a path to an .onnx file")
+    s.add_argument("--data", default=None, help=".npz with x [, y, calib]; omitted: random inputs, fidelity score")
+    s.add_argument("--metric", default=None, choices=["accuracy", "top1", "cosine"],
+                   help="accuracy with labels; top1 / cosine agreement with the original without (default: accuracy if y given, else cosine)")
+    s.add_argument("--space", default=None, help="preset name (cnn, quant) or YAML path (default: cnn for the default model, quant for ONNX)")
+    s.add_argument("--study", default="autosearch", help="study name (default: %(default)s)")
+    s.add_argument("--n-trials", type=int, default=None, help="trials to run now (default: the space's budget)")
+    s.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    s.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default: %(default)s)")
+    s.add_argument("--provider", default="CPUExecutionProvider", help="ONNX Runtime execution provider (default: %(default)s)")
+    _add_common(s)
+
+    r = sub.add_parser("resume", help="continue a study created from the CLI",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  autosearch resume demo --n-trials 10\n  autosearch resume net --storage postgresql://user@host/db\n")
+    r.add_argument("study", help="study name")
+    r.add_argument("--n-trials", type=int, default=None, help="trials to add (default: the space's budget)")
+    r.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    _add_common(r)
+
+    f = sub.add_parser("front", help="print the Pareto front (or every trial) of a study",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  autosearch front demo\n  autosearch front demo --all\n  autosearch front demo --csv front.csv\n")
+    f.add_argument("study", help="study name")
+    f.add_argument("--all", action="store_true", help="every trial, failed ones with their reason")
+    f.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    _add_common(f)
+
+    a = sub.add_parser("analyze", help="list a model's searchable units with parameters and FLOPs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  autosearch analyze --model default\n  autosearch analyze --model net.onnx\n")
+    a.add_argument("--model", default="default", help="'default' or a path to an .onnx file")
+    return ap
+
+
+def _load_npz(path: str) -> dict[str, Any]:
+    import numpy as np
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"data file {path!r} does not exist: pass an .npz with 'x' (and 'y' for labels)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise ConfigError(f"{path!r} is not a readable .npz file ({exc}); save one with numpy.savez(path, x=..., y=...)") from None
+
+
+def _problem(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(model, evaluator, example_inputs) from a CLI spec."""
+    from autosearch.evaluate import FidelityEvaluator, LabelledEvaluator
+
+    if spec["kind"] == "default":
+        from autosearch.demo import default_problem
+
+        return default_problem()
+    from autosearch.model import load_onnx
+
+    path = spec["path"]
+    load_onnx(path)  # clear errors first
+    if not spec.get("data"):
+        return path, None, None
+    data = _load_npz(spec["data"])
+    x: Any
+    inputs = {k: v for k, v in data.items() if k not in ("y", "calib")}
+    if not inputs:
+        raise ConfigError(f"{spec['data']!r} has no input array: save it with numpy.savez(path, x=..., y=...)")
+    x = inputs["x"] if list(inputs) == ["x"] else inputs
+    calib = data.get("calib")
+    example = x[:1] if not isinstance(x, dict) else {k: v[:1] for k, v in x.items()}
+    metric = spec.get("metric")
+    if "y" in data and metric in (None, "accuracy"):
+        return path, LabelledEvaluator(x, data["y"], calibration=calib), example
+    if metric == "accuracy":
+        raise ConfigError(f"--metric accuracy needs labels: {spec['data']!r} has no 'y' array")
+    return path, FidelityEvaluator(x, metric=metric or "cosine", calibration=calib), example
+
+
+def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studies_dir: str, n_trials: int | None,
+                timeout: float | None) -> None:
+    from autosearch.report import print_front
+    from autosearch.study import search
+    from autosearch.target import Target
+
+    model, evaluator, example = _problem(spec)
+    target = Target(providers=(spec.get("provider", "CPUExecutionProvider"),), threads=int(spec.get("threads", 1)),
+                    lock_path=str(Path(studies_dir) / ".profile.lock"))
+    st = search(model, evaluator, example_inputs=example, space=spec.get("space"), target=target, study_name=study,
+                storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec)
+    print_front(st)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        spec = {"kind": "default", "space": args.space, "threads": args.threads}
+        _run_search(spec, study=args.study, storage=None, studies_dir=args.studies_dir, n_trials=args.n_trials, timeout=None)
+        return 0
+    if args.command == "search":
+        if args.model == "default":
+            spec: dict[str, Any] = {"kind": "default", "space": args.space or "cnn"}
+        else:
+            spec = {"kind": "onnx", "path": str(Path(args.model).resolve()), "space": args.space or "quant",
+                    "data": str(Path(args.data).resolve()) if args.data else None, "metric": args.metric}
+        spec.update(threads=args.threads, provider=args.provider)
+        _run_search(spec, study=args.study, storage=args.storage, studies_dir=args.studies_dir,
+                    n_trials=args.n_trials, timeout=args.timeout)
+        return 0
+    if args.command == "resume":
+        from autosearch.study import Study
+
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        spec = st.optuna_study.user_attrs.get("cli_spec")
+        if not spec:
+            raise ConfigError(
+                f"study {args.study!r} was created from Python, so the CLI does not know its model: "
+                "resume it by calling autosearch.search(...) again with the same study_name"
+            )
+        _run_search(dict(spec), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
+                    n_trials=args.n_trials, timeout=args.timeout)
+        return 0
+    if args.command == "front":
+        from autosearch.report import format_front, print_front
+        from autosearch.study import Study
+
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        if args.all:
+            print(format_front(st, all_trials=True))
+        else:
+            print_front(st)
+        if args.csv:
+            (st.trials() if args.all else st.front()).to_csv(args.csv, index=False)
+            print(f"wrote {args.csv}")
+        return 0
+    if args.command == "analyze":
+        from autosearch.analysis import quant_units, units_frame
+        from autosearch.model import import_model
+
+        if args.model == "default":
+            from autosearch.demo import default_problem
+
+            model, _, example = default_problem()
+            src = import_model(model, example)
+        else:
+            src = import_model(args.model)
+        df = units_frame(quant_units(src.onnx_model, by_module=src.origin == "torch"))
+        print(df.to_string(index=False))
+        return 0
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``autosearch`` command."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if not args.command:
+        ap.print_help()
+        return 2
+    try:
+        return _cmd(args)
+    except AutosearchError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"autosearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nautosearch: interrupted; finished trials are saved, resume with `autosearch resume <study>`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

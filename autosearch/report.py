@@ -1,0 +1,38 @@
+"""Text tables of a study for terminals and logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["format_front", "print_front"]
+
+
+def format_front(study: Any, *, all_trials: bool = False) -> str:
+    """The front (or every trial) as an aligned text table."""
+    df = study.trials() if all_trials else study.front()
+    if df.empty:
+        return "(no complete trial yet)"
+    cols = ["trial", "accuracy", "accuracy_drop", "latency_ms", "speedup", "size_mb", "feasible", "config"]
+    if all_trials:
+        cols = ["trial", "state", *cols[1:], "reason"]
+    df = df[[c for c in cols if c in df.columns]].copy()
+    fmt = {"accuracy": "{:.4f}", "accuracy_drop": "{:+.4f}", "latency_ms": "{:.3f}", "speedup": "{:.2f}x", "size_mb": "{:.2f}"}
+    for col, f in fmt.items():
+        if col in df:
+            df[col] = [f.format(v) if v == v and v is not None else "-" for v in df[col]]
+    if "reason" in df:
+        df["reason"] = [("" if r is None or r != r else str(r)[:60]) for r in df["reason"]]
+    return df.to_string(index=False)
+
+
+def print_front(study: Any) -> None:
+    """Print the Pareto front with the float baseline and where the study lives."""
+    base = study.baseline
+    meta = study.meta
+    print()
+    print(f"Pareto front of study {study.name!r} ({len(study.optuna_study.trials)} trials; "
+          f"objectives {', '.join(meta.get('objectives', []))}; speedup vs the float model measured in the same run)")
+    if base:
+        print(f"float model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms, {base['size_mb']:.2f} MB")
+    print(format_front(study))
+    print(f"study: {study.dir} (artifacts) | look: autosearch front {study.name}")

@@ -1,0 +1,252 @@
+"""Target: where latency is measured, and the measurement itself.
+
+Every latency figure comes from ONNX Runtime running the candidate on this
+machine: warm-up, then repeated timed runs in rounds until the median is
+known to within ``rel_precision`` (a bootstrap-free estimate from the
+interquartile range) or the time budget is spent. The figure is recorded with
+the provider, thread count, ORT version and CPU name.
+
+Example:
+    >>> from autosearch.target import Target
+    >>> t = Target(threads=1)
+    >>> t.describe()["threads"]
+    1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import platform
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosearch.errors import CandidateError, ConfigError
+
+__all__ = ["LatencyStats", "Target", "cpu_name"]
+
+_OPT_LEVELS = {"disable": 0, "basic": 1, "extended": 2, "all": 99}
+
+
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model on one target, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    iqr_rel: float  # (p75 - p25) / median
+    runs: int
+    provider: str
+    threads: int
+    ort_version: str
+    cpu: str
+    load_avg: float  # 1-minute load average when the measurement ended
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Target:
+    """ONNX Runtime on this machine.
+
+    Attributes:
+        providers: Execution providers in priority order.
+        threads: ``intra_op_num_threads``.
+        graph_optimization_level: ``disable`` | ``basic`` | ``extended`` | ``all``.
+        warmup: Untimed runs first.
+        min_runs: Timed runs at least.
+        max_runs: Timed runs at most.
+        max_seconds: Time budget of one measurement (after warm-up).
+        rel_precision: Stop when the median's standard error is below this fraction.
+        lock_path: A file locked while measuring, so workers on one machine never time
+            concurrently (``None``: no lock).
+    """
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int = 1
+    graph_optimization_level: str = "all"
+    warmup: int = 10
+    min_runs: int = 50
+    max_runs: int = 2000
+    max_seconds: float = 2.0
+    rel_precision: float = 0.005
+    lock_path: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization_level not in _OPT_LEVELS:
+            raise ConfigError(
+                f"graph_optimization_level {self.graph_optimization_level!r} is not one of {', '.join(_OPT_LEVELS)}"
+            )
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        import onnxruntime as ort
+
+        avail = ort.get_available_providers()
+        for p in self.providers:
+            if p not in avail:
+                raise ConfigError(f"execution provider {p!r} is not available here; available: {', '.join(avail)}")
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this target (recorded with every figure and in the study)."""
+        import onnxruntime as ort
+
+        return {
+            "providers": list(self.providers),
+            "threads": self.threads,
+            "graph_optimization_level": self.graph_optimization_level,
+            "ort_version": ort.__version__,
+            "cpu": cpu_name(),
+        }
+
+    def session(self, model: str | Path | bytes, *, threads: int | None = None) -> Any:
+        """An ``InferenceSession`` configured like this target.
+
+        Raises:
+            CandidateError: ONNX Runtime refuses the model.
+        """
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel(_OPT_LEVELS[self.graph_optimization_level])
+        so.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(model) if isinstance(model, Path) else model, so, providers=list(self.providers))
+        except Exception as exc:
+            raise CandidateError(f"ONNX Runtime cannot load the model: {str(exc)[:600]}") from exc
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if not self.lock_path:
+            yield
+            return
+        Path(self.lock_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def profile(self, model: str | Path | Any, feed: Mapping[str, np.ndarray]) -> LatencyStats:
+        """Measure latency: warm-up, then timed rounds until precise or out of budget.
+
+        Args:
+            model: Path of an ONNX file, or an ``InferenceSession`` made by :meth:`session`.
+            feed: One input batch by input name.
+
+        Raises:
+            CandidateError: the model does not load or fails to run.
+        """
+        sess = model if hasattr(model, "run") else self.session(model)
+        feed = dict(feed)
+        with self._locked():
+            try:
+                for _ in range(self.warmup):
+                    sess.run(None, feed)
+            except Exception as exc:
+                raise CandidateError(f"ONNX Runtime failed to run the model: {str(exc)[:600]}") from exc
+            times: list[float] = []
+            start = time.perf_counter()
+            while len(times) < self.max_runs:
+                for _ in range(min(25, self.max_runs - len(times))):
+                    t0 = time.perf_counter_ns()
+                    sess.run(None, feed)
+                    times.append((time.perf_counter_ns() - t0) / 1e6)
+                if len(times) >= self.min_runs:
+                    if _median_rel_se(times) <= self.rel_precision:
+                        break
+                    if time.perf_counter() - start > self.max_seconds:
+                        break
+        arr = np.asarray(times)
+        q10, q25, q50, q75, q90 = np.percentile(arr, [10, 25, 50, 75, 90])
+        import onnxruntime as ort
+
+        return LatencyStats(
+            median_ms=float(q50),
+            p10_ms=float(q10),
+            p90_ms=float(q90),
+            mean_ms=float(arr.mean()),
+            iqr_rel=float((q75 - q25) / q50) if q50 > 0 else 0.0,
+            runs=len(arr),
+            provider=sess.get_providers()[0],
+            threads=self.threads,
+            ort_version=ort.__version__,
+            cpu=cpu_name(),
+            load_avg=os.getloadavg()[0],
+        )
+
+
+def _median_rel_se(times: Sequence[float]) -> float:
+    """Standard error of the median relative to it (IQR-based, robust to outliers)."""
+    arr = np.asarray(times)
+    q25, q50, q75 = np.percentile(arr, [25, 50, 75])
+    sigma = (q75 - q25) / 1.349
+    return float(1.2533 * sigma / np.sqrt(len(arr)) / q50) if q50 > 0 else 0.0
+
+
+def interleaved(targets: Sequence[tuple[str, Any]], feed: Mapping[str, np.ndarray], target: Target, *, rounds: int = 5) -> dict[str, LatencyStats]:
+    """Measure several models in interleaved rounds (fair under drifting machine load).
+
+    Args:
+        targets: (label, model path or session) pairs.
+        feed: Input batch.
+        target: Where to run.
+        rounds: Each model is measured this many times, in turn; its runs are pooled.
+    """
+    sessions = {label: (m if hasattr(m, "run") else target.session(m)) for label, m in targets}
+    pooled: dict[str, list[LatencyStats]] = {label: [] for label in sessions}
+    short = Target(
+        providers=target.providers,
+        threads=target.threads,
+        graph_optimization_level=target.graph_optimization_level,
+        warmup=target.warmup,
+        min_runs=max(10, target.min_runs // rounds),
+        max_runs=max(20, target.max_runs // rounds),
+        max_seconds=target.max_seconds / rounds,
+        rel_precision=target.rel_precision,
+        lock_path=target.lock_path,
+    )
+    for _ in range(rounds):
+        for label, sess in sessions.items():
+            pooled[label].append(short.profile(sess, feed))
+    out: dict[str, LatencyStats] = {}
+    for label, stats in pooled.items():
+        med = float(np.median([s.median_ms for s in stats]))
+        first = stats[0]
+        out[label] = LatencyStats(
+            median_ms=med,
+            p10_ms=float(np.median([s.p10_ms for s in stats])),
+            p90_ms=float(np.median([s.p90_ms for s in stats])),
+            mean_ms=float(np.mean([s.mean_ms for s in stats])),
+            iqr_rel=float(np.median([s.iqr_rel for s in stats])),
+            runs=sum(s.runs for s in stats),
+            provider=first.provider,
+            threads=first.threads,
+            ort_version=first.ort_version,
+            cpu=first.cpu,
+            load_avg=stats[-1].load_avg,
+        )
+    return out

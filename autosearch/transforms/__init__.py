@@ -1,0 +1,1 @@
+"""Model transforms: structured pruning, low-rank factorization (torch and ONNX)."""

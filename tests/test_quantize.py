@@ -1,0 +1,118 @@
+"""Bits knob: candidates quantized by ONNX Runtime's quantizer build, run and keep float units float."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+
+from autosearch.analysis import quant_units
+from autosearch.build import build_candidate
+from autosearch.candidate import Candidate, SpaceUnits
+from autosearch.errors import CandidateError, ConfigError
+
+
+def _units(src):
+    return [u.name for u in quant_units(src.onnx_model, by_module=True)]
+
+
+def test_units_are_named_by_module_path(small_source) -> None:
+    units = _units(small_source)
+    assert "stem.0" in units and "fc" in units and "layer2.0.shortcut.0" in units
+    assert len(units) == 16  # stem + 6 blocks x 2 convs + 2 shortcuts + fc
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        {"mode": "static", "activation_type": "uint8", "per_channel": True},
+        {"mode": "static", "activation_type": "int8", "per_channel": False, "reduce_range": True},
+        {"mode": "dynamic", "per_channel": False},
+    ],
+)
+def test_uniform_int8_builds_runs_and_scores(small_source, small_problem, fast_target, tmp_path: Path, quant) -> None:
+    _, ev, _ = small_problem
+    units = _units(small_source)
+    cal = ev.calibration_feeds(64, small_source.input_names)
+    res = build_candidate(small_source, Candidate(bits={u: 8 for u in units}, quant=quant), tmp_path, bits_units=units, calibration=cal)
+    ops = Counter(n.op_type for n in onnx.load(str(res.path)).graph.node)
+    if quant["mode"] == "static":
+        assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] >= ops["Conv"]
+    else:
+        assert ops["ConvInteger"] + ops["MatMulInteger"] > 0
+    float_acc = ev(fast_target.session(small_source.save(tmp_path / "f.onnx")))
+    acc = ev(fast_target.session(res.path))
+    assert acc > 0.5 and abs(acc - float_acc) < 0.15
+    assert res.path.stat().st_size < (tmp_path / "f.onnx").stat().st_size
+
+
+def test_float_units_stay_float(small_source, small_problem, tmp_path: Path) -> None:
+    _, ev, _ = small_problem
+    units = _units(small_source)
+    keep = {"stem.0", "fc"}
+    bits = {u: (32 if u in keep else 8) for u in units}
+    res = build_candidate(
+        small_source, Candidate(bits=bits, quant={"mode": "static", "activation_type": "uint8"}), tmp_path,
+        bits_units=units, calibration=ev.calibration_feeds(32, ["input"]),
+    )
+    graph = onnx.load(str(res.path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+
+    def weight_is_quantized(node) -> bool:
+        w = node.input[1]
+        return w in producers and producers[w].op_type == "DequantizeLinear"
+
+    by_name = {n.name: n for n in graph.node}
+    assert not weight_is_quantized(by_name["/stem/stem.0/Conv"])
+    assert not weight_is_quantized(by_name["/fc/Gemm"]) and by_name["/fc/Gemm"].input[1] in inits
+    assert weight_is_quantized(by_name["/layer1/layer1.0/conv1/Conv"])
+    assert any("kept float" in n for n in res.notes)
+
+
+def test_unknown_unit_in_config_is_named(small_source) -> None:
+    units = SpaceUnits(bits=tuple(_units(small_source)))
+    with pytest.raises(ConfigError, match=r"unknown unit 'layer9.conv' for knob 'bits'.*units are: fc, layer1"):
+        Candidate(bits={"layer9.conv": 8}).validate(units)
+
+
+def test_impossible_candidate_is_a_candidate_error(small_source, tmp_path: Path) -> None:
+    units = _units(small_source)
+    with pytest.raises(CandidateError, match="16/4-bit units need static quantization"):
+        build_candidate(small_source, Candidate(bits={u: 16 for u in units}, quant={"mode": "dynamic"}), tmp_path,
+                        bits_units=units, calibration=[])
+
+
+def test_onnx_only_model_quantizes_per_node(mlp_onnx: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from autosearch.model import import_model
+
+    src = import_model(mlp_onnx)
+    units = [u.name for u in quant_units(src.onnx_model)]
+    assert units == ["fc1_matmul", "fc2"]
+    cal = [{"x": np.random.default_rng(i).standard_normal((4, 16)).astype(np.float32)} for i in range(8)]
+    res = build_candidate(src, Candidate(bits={"fc1_matmul": 8, "fc2": 32}, quant={"mode": "static"}), tmp_path,
+                          bits_units=units, calibration=cal)
+    graph = onnx.load(str(res.path)).graph
+    fc2 = next(n for n in graph.node if n.name == "fc2")
+    assert fc2.input[1] == "w2"  # float weight, untouched
+    assert any(n.op_type == "DequantizeLinear" and n.output[0].startswith("w1") for n in graph.node)
+
+
+def test_preprocessing_fusion_keeps_per_unit_choices(mlp_onnx: Path, tmp_path: Path) -> None:
+    """quant_pre_process fuses MatMul+Add into a renamed Gemm; the unit still gets its precision."""
+    import numpy as np
+
+    from autosearch.model import import_model
+
+    src = import_model(mlp_onnx)
+    units = [u.name for u in quant_units(src.onnx_model)]
+    cal = [{"x": np.random.default_rng(i).standard_normal((4, 16)).astype(np.float32)} for i in range(8)]
+    res = build_candidate(src, Candidate(bits={"fc1_matmul": 8}, quant={"mode": "static", "preprocess": True}), tmp_path,
+                          bits_units=units, calibration=cal)
+    graph = onnx.load(str(res.path)).graph
+    assert any(n.op_type == "DequantizeLinear" and n.output[0].startswith("w1") for n in graph.node)
+    assert not any(n.op_type == "DequantizeLinear" and n.output[0].startswith("w2") for n in graph.node)

@@ -1,0 +1,68 @@
+"""Search-space files: presets load, every bad key or value is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autosearch.errors import ConfigError
+from autosearch.space import SearchSpace, load_space, preset_path
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in preset_path("cnn").parent.glob("*.yaml")))
+def test_every_preset_loads(name: str) -> None:
+    space = load_space(name)
+    assert space.objectives[0] == "accuracy"
+    assert "bits" in space.knobs
+
+
+def test_fingerprint_ignores_budget_but_not_choices() -> None:
+    a = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}, "budget": {"n_trials": 5}})
+    b = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}, "budget": {"n_trials": 50}})
+    c = SearchSpace.from_dict({"knobs": {"bits": [32, 8, 16]}})
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"knob": {}}, r"unknown key 'knob'.*allowed top-level keys"),
+        ({"knobs": {"width": [1]}}, r"unknown knob 'knobs.width'; allowed: bits, prune, rank"),
+        ({"knobs": {"bits": [32, 7]}}, r"'knobs.bits.choices' has 7; allowed: 32, 16, 8, 4"),
+        ({"knobs": {"prune": [0.0, 1.5]}}, r"'knobs.prune.choices' has 1.5.*\[0, 1\)"),
+        ({"knobs": {"rank": [0.0]}}, r"'knobs.rank.choices' has 0.0.*\(0, 1\]"),
+        ({"knobs": {"bits": {"choices": [8], "inclde": ["*"]}}}, r"unknown key 'knobs.bits.inclde'"),
+        ({"quantization": {"activation_type": "int4"}}, r"'quantization.activation_type' has value 'int4'; allowed: 'uint8', 'int8'"),
+        ({"quantization": {"per_chanel": [True]}}, r"unknown key 'quantization.per_chanel'"),
+        ({"objectives": ["accuracy", "speed"]}, r"unknown objective 'speed'"),
+        ({"constraints": {"max_drop": 0.1}}, r"unknown key 'constraints.max_drop'"),
+        ({"budget": {"n_trials": 0}}, r"'budget.n_trials' must be a positive integer"),
+        ({"sampler": {"name": "cmaes"}}, r"'sampler.name' is 'cmaes'; allowed: nsga2, tpe, random"),
+        ({"recovery": {"bn": True}}, r"unknown key 'recovery.bn'"),
+    ],
+)
+def test_bad_values_are_named(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SearchSpace.from_dict(data)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "mine.yaml"
+    f.write_text("knobs:\n  bits: [32, 9]\n")
+    with pytest.raises(ConfigError, match=r"in .*mine.yaml"):
+        load_space(f)
+    f.write_text("knobs: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_space(f)
+    with pytest.raises(ConfigError, match="neither a file nor a preset; presets: cnn"):
+        load_space("no-such-space")
+
+
+def test_include_exclude_and_share() -> None:
+    space = SearchSpace.from_dict(
+        {"knobs": {"bits": {"choices": [32, 8], "include": ["layer*"], "exclude": ["layer3.*"], "share": {"l1": ["layer1.*"]}}}}
+    )
+    spec = space.knobs["bits"]
+    assert spec.applies("layer1.0.conv1") and not spec.applies("layer3.0.conv1") and not spec.applies("stem.0")
+    assert spec.group_of("layer1.1.conv2") == "l1" and spec.group_of("layer2.0.conv1") is None
