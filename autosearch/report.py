@@ -12,14 +12,17 @@ def format_front(study: Any, *, all_trials: bool = False) -> str:
     df = study.trials() if all_trials else study.front()
     if df.empty:
         return "(no complete trial yet)"
-    cols = ["trial", "accuracy", "accuracy_drop", "latency_ms", "speedup", "size_mb", "feasible", "config"]
+    df = df.copy()
+    df["delta"] = -df["accuracy_drop"]
+    cols = ["trial", "accuracy", "delta", "latency_ms", "speedup", "remeasured_speedup", "size_mb", "feasible", "config"]
     if all_trials:
         cols = ["trial", "state", *cols[1:], "reason"]
     df = df[[c for c in cols if c in df.columns]].copy()
-    fmt = {"accuracy": "{:.4f}", "accuracy_drop": "{:+.4f}", "latency_ms": "{:.3f}", "speedup": "{:.2f}x", "size_mb": "{:.2f}"}
+    fmt = {"accuracy": "{:.4f}", "delta": "{:+.4f}", "remeasured_speedup": "{:.2f}x", "latency_ms": "{:.3f}", "speedup": "{:.2f}x", "size_mb": "{:.2f}"}
     for col, f in fmt.items():
         if col in df:
-            df[col] = [f.format(v) if v == v and v is not None else "-" for v in df[col]]
+            df[col] = [f.format(v) if v is not None and v == v else "-" for v in df[col]]
+    df = df.rename(columns={"remeasured_speedup": "speedup (re-measured)"})
     if "reason" in df:
         df["reason"] = [("" if r is None or r != r else str(r)[:60]) for r in df["reason"]]
     return df.to_string(index=False)

@@ -46,7 +46,7 @@ QUANT_OPTIONS: dict[str, tuple[Any, ...]] = {
 }
 OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
 SAMPLERS = ("nsga2", "tpe", "random")
-_TOP_KEYS = ("name", "description", "version", "knobs", "quantization", "recovery", "objectives", "constraints", "budget", "sampler")
+_TOP_KEYS = ("name", "description", "version", "knobs", "quantization", "recovery", "objectives", "constraints", "budget", "sampler", "strategy")
 
 
 def _where(source: str | None) -> str:
@@ -101,6 +101,7 @@ class SearchSpace:
     sampler: str = "nsga2"
     seed: int = 0
     population_size: int = 10
+    strategy: Mapping[str, Any] = field(default_factory=dict)
     source: str | None = None
 
     # ------------------------------------------------------------------ loading
@@ -186,8 +187,20 @@ class SearchSpace:
             raise ConfigError(f"unknown key 'sampler.{next(iter(sampler))}'{_where(source)}; allowed: name, seed, population_size")
         if sname not in SAMPLERS:
             raise ConfigError(f"'sampler.name'{_where(source)} is {sname!r}; allowed: {', '.join(SAMPLERS)}")
+        strategy = dict(data.get("strategy") or {})
+        strat_allowed = {"analysis": bool, "sensitivity_samples": int, "warm_start_budgets": list, "remeasure_front": bool}
+        for key, val in strategy.items():
+            if key not in strat_allowed:
+                raise ConfigError(f"unknown key 'strategy.{key}'{_where(source)}; allowed: {', '.join(strat_allowed)}")
+            if not isinstance(val, strat_allowed[key]):
+                raise ConfigError(f"'strategy.{key}'{_where(source)} must be a {strat_allowed[key].__name__}, got {val!r}")
+        strategy.setdefault("analysis", True)
+        strategy.setdefault("sensitivity_samples", 150)
+        strategy.setdefault("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])  # x max_accuracy_drop
+        strategy.setdefault("remeasure_front", True)
         return cls(
             name=str(data.get("name", Path(source).stem if source else "custom")),
+            strategy=strategy,
             knobs=knobs,
             quantization=quant,
             calibration_samples=cal,

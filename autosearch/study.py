@@ -157,6 +157,8 @@ class Study:
         """Every trial as a pandas DataFrame, one row each."""
         import pandas as pd
 
+        rem = self.optuna_study.user_attrs.get("front_remeasured", {}).get("trials", {})
+        cores = os.cpu_count() or 1
         rows = []
         for t in self.optuna_study.get_trials(deepcopy=False):
             if not include_failed and t.state != optuna.trial.TrialState.COMPLETE:
@@ -173,6 +175,9 @@ class Study:
                     "size_mb": ua.get("size_mb"),
                     "speedup": ua.get("speedup"),
                     "feasible": ua.get("feasible"),
+                    "remeasured_ms": rem.get(str(t.number), {}).get("latency_ms"),
+                    "remeasured_speedup": rem.get(str(t.number), {}).get("speedup"),
+                    "loaded": (ua.get("latency", {}).get("load_avg") or 0) > cores,
                     "config": ua.get("summary", ""),
                     "reason": ua.get("fail_reason") or t.system_attrs.get("fail_reason"),
                     "onnx": ua.get("onnx_path"),
@@ -327,8 +332,30 @@ def search(
         + (f"; accuracy floor {floor:.4f}" if floor is not None else "")
     )
     calibration = evaluator.calibration_feeds(max(sp.calibration_samples, int(sp.recovery.get("calibration_samples", 200))), source.input_names)
+    def measure_cached(cand: Candidate) -> dict[str, Any]:
+        cdir = study_dir / "candidates" / cand.key(source.fingerprint)
+        mfile = cdir / "metrics.json"
+        if mfile.exists():
+            rec = json.loads(mfile.read_text())
+            if "error" in rec:
+                raise CandidateError(rec["error"])
+            return rec
+        try:
+            rec = _measure(cand, cdir, source, units, calibration, evaluator, tgt, None, base_lat.median_ms)
+        except CandidateError as exc:
+            cdir.mkdir(parents=True, exist_ok=True)
+            mfile.write_text(json.dumps({"error": str(exc)}))
+            raise
+        mfile.write_text(json.dumps(rec, default=float))
+        return rec
+
     if n_before == 0:
-        for cand in _warm_start(sp, units):
+        warm = _warm_start(sp, units)
+        if sp.strategy.get("analysis", True) and (units.bits or units.prune or units.rank):
+            warm += _analysis_warm_start(
+                ost, sp, units, source, evaluator, calibration, tgt, base_path, base_acc, base_lat.median_ms, measure_cached, say
+            )
+        for cand in warm:
             params = candidate_params(cand, sp, units)
             if params:
                 ost.enqueue_trial(params, skip_if_exists=True)
@@ -400,8 +427,34 @@ def search(
             gc_after_trial=False,
         )
     study = Study(ost, studies_dir=studies_dir)
+    if sp.strategy.get("remeasure_front", True):
+        remeasure_front(study, tgt, source.example_feed, base_path, say=say)
     say(f"[autosearch] {budget} trial(s) in {time.perf_counter() - started:.0f} s; study {study_name!r} at {url}")
     return study
+
+
+def remeasure_front(study: Study, tgt: Target, feed: Mapping[str, np.ndarray], base_path: Path, *, say: Any = print, rounds: int = 5) -> dict[str, Any]:
+    """Re-time the front and the float model interleaved (fair under drifting load); stored in the study.
+
+    Returns the stored record: ``{"float_ms", "trials": {number: {"latency_ms", "speedup"}}, "at"}``.
+    """
+    from autosearch.target import interleaved
+
+    front = study.front()
+    if front.empty:
+        return {}
+    models = [("float", base_path)] + [(str(int(r.trial)), Path(r.onnx)) for r in front.itertuples() if r.onnx and Path(r.onnx).exists()]
+    stats = interleaved(models, feed, tgt, rounds=rounds)
+    base = stats["float"].median_ms
+    rec = {
+        "float_ms": base,
+        "trials": {k: {"latency_ms": v.median_ms, "speedup": base / v.median_ms, "iqr_rel": v.iqr_rel} for k, v in stats.items() if k != "float"},
+        "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_avg": stats["float"].load_avg,
+    }
+    study.optuna_study.set_user_attr("front_remeasured", rec)
+    say(f"[autosearch] front re-measured interleaved with the float model ({rounds} rounds): float {base:.3f} ms")
+    return rec
 
 
 def _floor(sp: SearchSpace, base_acc: float) -> float | None:
@@ -437,6 +490,79 @@ def _warm_start(sp: SearchSpace, units: SpaceUnits) -> list[Candidate]:
             quant = {opt: choices[0] for opt, choices in sp.quantization.items()}
             out.append(Candidate(bits={u: 8 for u in units.bits}, quant=quant))
     return out
+
+
+def _analysis_warm_start(
+    ost: optuna.Study,
+    sp: SearchSpace,
+    units: SpaceUnits,
+    source: SourceModel,
+    evaluator: Evaluator,
+    calibration: list[dict[str, np.ndarray]],
+    tgt: Target,
+    base_path: Path,
+    base_acc: float,
+    base_latency: float,
+    measure: Any,
+    say: Any,
+) -> list[Candidate]:
+    """Run the analysis (cached in the study) and return warm-start candidates."""
+    import shutil
+    import tempfile
+
+    from autosearch.strategy import Analysis, analyze, knapsack_candidates
+
+    n_sub = int(sp.strategy.get("sensitivity_samples", 150))
+
+    def score_subset(cand: Candidate) -> float:
+        tmp = Path(tempfile.mkdtemp(prefix="as_sens_"))
+        try:
+            built = build_candidate(source, cand, tmp, bits_units=units.bits, calibration=calibration)
+            return float(evaluator(tgt.session(built.path), limit=n_sub))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    cached = ost.user_attrs.get("analysis")
+    if cached:
+        analysis = Analysis.from_json(cached)
+        best_quant = cached.get("best_quant")
+    else:
+        say("[autosearch] analysis: latency share per unit, uniform int8 variants, sensitivity of each unit")
+        analysis = analyze(
+            source, sp, units, base_path=base_path, base_accuracy=float(evaluator_subset_base(evaluator, tgt, base_path, n_sub)),
+            base_latency_ms=base_latency, measure=measure, score_subset=score_subset, threads=tgt.threads,
+            say=lambda m: (sys.stdout.write(m), sys.stdout.flush()),
+        )
+        best_quant = getattr(analysis, "best_quant", None)
+        blob = analysis.to_json()
+        blob["best_quant"] = best_quant
+        ost.set_user_attr("analysis", blob)
+        ok = [u for u in analysis.uniform if "error" not in u]
+        say(f"[autosearch] analysis took {analysis.seconds:.0f} s; uniform int8 variants (speedup, {evaluator.name}): "
+            + "; ".join(f"{_qlabel(u['quant'])} {u['speedup']:.2f}x {u['accuracy']:.4f}" for u in ok))
+    out: list[Candidate] = []
+    ok = [u for u in analysis.uniform if "error" not in u and u.get("speedup")]
+    floor = _floor(sp, base_acc)
+    feasible = [u for u in ok if floor is None or u["accuracy"] >= floor]
+    for u in sorted(feasible, key=lambda u: -u["speedup"])[:2]:
+        out.append(Candidate(bits={n: 8 for n in units.bits}, quant=u["quant"]))
+    scale = sp.max_accuracy_drop if sp.max_accuracy_drop is not None else 0.01
+    budgets = [b * scale for b in sp.strategy.get("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])]
+    out += knapsack_candidates(analysis, sp, budgets, best_quant,
+                               resolution=0.5 / max(1, min(n_sub, getattr(evaluator, "num_samples", n_sub))))
+    return out
+
+
+def evaluator_subset_base(evaluator: Evaluator, tgt: Target, base_path: Path, n: int) -> float:
+    """The float model's score on the sensitivity subset."""
+    return float(evaluator(tgt.session(base_path), limit=n))
+
+
+def _qlabel(q: Mapping[str, Any]) -> str:
+    if q.get("mode") == "dynamic":
+        return "dynamic" + (" per-ch" if q.get("per_channel") else "")
+    act = {"uint8": "u8s8", "int8": "s8s8"}.get(str(q.get("activation_type")), "?")
+    return act + (" per-ch" if q.get("per_channel") else "") + (" rr" if q.get("reduce_range") else "")
 
 
 def _measure(

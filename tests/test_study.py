@@ -18,6 +18,7 @@ QUANT_SPACE = {
     "quantization": {"mode": ["static"], "activation_type": ["uint8", "int8"], "per_channel": [True, False], "calibration_samples": 64},
     "constraints": {"max_accuracy_drop": 0.02},
     "sampler": {"name": "nsga2", "seed": 0, "population_size": 4},
+    "strategy": {"analysis": False},
 }
 
 
@@ -72,7 +73,8 @@ def test_resume_with_another_space_or_model_is_refused(mlp_onnx: Path, fast_targ
 
 
 def test_failing_candidates_are_failed_trials_and_the_study_goes_on(mlp_onnx: Path, fast_target, tmp_path: Path) -> None:
-    space = {"knobs": {"bits": [32, 16]}, "quantization": {"mode": "dynamic"}, "constraints": {"max_accuracy_drop": None}}
+    space = {"knobs": {"bits": [32, 16]}, "quantization": {"mode": "dynamic"}, "constraints": {"max_accuracy_drop": None},
+             "strategy": {"analysis": False}}
     study = search(mlp_onnx, space=space, target=fast_target, study_name="f", studies_dir=tmp_path, n_trials=6, verbose=False)
     df = study.trials()
     assert len(df) == 6
@@ -101,7 +103,8 @@ def test_a_bug_stops_the_run_loudly(mlp_onnx: Path, fast_target, tmp_path: Path)
 
 
 def test_identical_candidates_are_not_rebuilt(mlp_onnx: Path, fast_target, tmp_path: Path) -> None:
-    space = {"knobs": {"bits": [8]}, "quantization": {"mode": "static"}, "constraints": {"max_accuracy_drop": None}}
+    space = {"knobs": {"bits": [8]}, "quantization": {"mode": "static"}, "constraints": {"max_accuracy_drop": None},
+             "strategy": {"analysis": False, "remeasure_front": False}}
     study = search(mlp_onnx, space=space, target=fast_target, study_name="c", studies_dir=tmp_path, n_trials=3, verbose=False)
     trials = study.optuna_study.trials
     assert [t.user_attrs.get("cached", False) for t in trials] == [False, True, True]

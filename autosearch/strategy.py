@@ -1,0 +1,274 @@
+"""Search strategy: analysis of the model on the target, sensitivity, and warm start.
+
+Before the sampler takes over, a new study gets:
+
+1. **Latency share** per unit, measured with ONNX Runtime's node profiler on the target.
+2. **Uniform variants**: every unit at int8 under each static quantizer setting of the
+   space (and dynamic when allowed), built, scored and timed for real. They are what a
+   one-shot tool would produce, they tell how much int8 pays on this CPU, and they become
+   the first trials (their measurements are cached, so those trials cost nothing more).
+3. **Sensitivity**: the score drop when one unit alone takes each knob value, on a subset.
+4. **Knapsack warm start**: per accuracy budget, the knob values with the best estimated
+   latency saving per unit of estimated drop (additive model over the tables above).
+
+The analysis is a DataFrame cached in the study (user attribute ``analysis``) so a
+resumed study reuses it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosearch.analysis import QuantUnit, latency_by_unit, quant_units
+from autosearch.candidate import Candidate, SpaceUnits
+from autosearch.errors import CandidateError
+from autosearch.model import SourceModel
+from autosearch.space import SearchSpace
+
+__all__ = ["Analysis", "analyze", "knapsack_candidates"]
+
+Measure = Callable[[Candidate], dict[str, Any]]
+
+
+@dataclass
+class Analysis:
+    """What the strategy learned about the model on this target."""
+
+    units: list[dict[str, Any]]  # one row per (knob unit): latency share, FLOPs, sensitivity per value
+    uniform: list[dict[str, Any]]  # uniform int8 variants: candidate, accuracy, latency_ms
+    base_accuracy: float
+    base_latency_ms: float
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "units": self.units,
+            "uniform": self.uniform,
+            "base_accuracy": self.base_accuracy,
+            "base_latency_ms": self.base_latency_ms,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Analysis:
+        return cls(d["units"], d["uniform"], d["base_accuracy"], d["base_latency_ms"], d["seconds"])
+
+    def frame(self) -> Any:
+        """Per-unit table as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.units)
+
+
+def _uniform_variants(space: SearchSpace) -> list[dict[str, Any]]:
+    q = space.quantization
+    out = []
+    for mode in q.get("mode", ("static",)):
+        if mode == "static":
+            for act, pc, rr in itertools.product(q.get("activation_type", ("uint8",)), q.get("per_channel", (True,)), q.get("reduce_range", (False,))):
+                out.append({"mode": "static", "activation_type": act, "per_channel": pc, "reduce_range": rr,
+                            "preprocess": q.get("preprocess", (False,))[0], "calibrate_method": q.get("calibrate_method", ("minmax",))[0]})
+        else:
+            for pc in q.get("per_channel", (True,)):
+                out.append({"mode": "dynamic", "per_channel": pc, "reduce_range": q.get("reduce_range", (False,))[0],
+                            "preprocess": q.get("preprocess", (False,))[0]})
+    return out
+
+
+def _progress(i: int, n: int, label: str, t0: float, say: Callable[[str], None]) -> None:
+    width = 24
+    done = int(width * i / max(n, 1))
+    say(f"\r[analysis] [{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:40]:<40} {time.perf_counter() - t0:5.0f} s")
+
+
+def analyze(
+    source: SourceModel,
+    space: SearchSpace,
+    units: SpaceUnits,
+    *,
+    base_path: Path,
+    base_accuracy: float,
+    base_latency_ms: float,
+    measure: Measure,
+    score_subset: Callable[[Candidate], float],
+    threads: int = 1,
+    say: Callable[[str], None] = print,
+) -> Analysis:
+    """Measure latency shares, uniform int8 variants and per-unit sensitivity.
+
+    Args:
+        source: The model.
+        space: The search space (which knob values to scan).
+        units: Units per knob.
+        base_path: The float ONNX file (for node profiling).
+        base_accuracy: Float model's score.
+        base_latency_ms: Float model's latency on the target.
+        measure: Full build + score + time of a candidate (writes the study's cache).
+        score_subset: Build + score on a subset only (sensitivity).
+        threads: Target threads for profiling.
+        say: Where progress goes.
+    """
+    t0 = time.perf_counter()
+    by_module = source.origin == "torch"
+    qunits: dict[str, QuantUnit] = {u.name: u for u in quant_units(source.onnx_model, by_module=by_module)}
+    shares = latency_by_unit(str(base_path), source.example_feed, units=list(qunits), by_module=by_module, threads=threads)
+    total = sum(shares.values()) or 1.0
+    # modules of structural units (a prune group spans several layers)
+    modules: dict[str, tuple[str, ...]] = {}
+    dims: dict[str, tuple[int, int, int]] = {}
+    if source.origin == "torch" and (units.prune or units.rank):
+        from autosearch.transforms.structural import find_lowrank_units, find_prune_units
+
+        if units.prune:
+            for su in find_prune_units(source.torch_module, source.torch_example):
+                modules[su.name] = su.modules
+        if units.rank:
+            named = dict(source.torch_module.named_modules())
+            for su in find_lowrank_units(source.torch_module):
+                m = named.get(su.name)
+                w = getattr(m, "weight", None)
+                if w is not None:
+                    out_f = int(w.shape[0])
+                    in_f = int(np.prod(w.shape[1:]))
+                    dims[su.name] = (in_f, out_f, min(in_f, out_f))
+
+    def share_of(names: Sequence[str]) -> float:
+        return sum(shares.get(n, 0.0) for n in names) / total
+
+    # uniform variants, measured for real (become warm-start trials)
+    uniform: list[dict[str, Any]] = []
+    jobs: list[tuple[str, Candidate]] = []
+    if units.bits and "bits" in space.knobs and 8 in space.knobs["bits"].choices:
+        for q in _uniform_variants(space):
+            jobs.append(("uniform int8 " + json.dumps(q, sort_keys=True), Candidate(bits={u: 8 for u in units.bits}, quant=q)))
+    sens_jobs: list[tuple[str, str, Any, Candidate]] = []
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for knob in ("bits", "prune", "rank"):
+        spec = space.knobs.get(knob)
+        if spec is None:
+            continue
+        for unit in units.of(knob):
+            mods = modules.get(unit, (unit,)) if knob == "prune" else (unit,)
+            row: dict[str, Any] = {"knob": knob, "unit": unit, "latency_share": share_of(mods),
+                                   "params": sum(qunits[m].params for m in mods if m in qunits),
+                                   "mflops": sum(qunits[m].flops for m in mods if m in qunits) / 1e6}
+            rows[(knob, unit)] = row
+            for val in spec.choices:
+                if (knob == "bits" and val == 32) or (knob == "prune" and val == 0) or (knob == "rank" and val >= 1):
+                    continue
+                sens_jobs.append((knob, unit, val, Candidate(**{knob: {unit: val}})))  # type: ignore[arg-type]
+    n = len(jobs) + len(sens_jobs)
+    i = 0
+    best_quant: dict[str, Any] | None = None
+    for label, cand in jobs:
+        _progress(i, n, label, t0, say)
+        try:
+            rec = measure(cand)
+            uniform.append({"quant": dict(cand.quant), "accuracy": rec["accuracy"], "latency_ms": rec["latency_ms"],
+                            "speedup": base_latency_ms / rec["latency_ms"] if rec["latency_ms"] == rec["latency_ms"] else None})
+        except CandidateError as exc:
+            uniform.append({"quant": dict(cand.quant), "error": str(exc)[:200]})
+        i += 1
+    ok = [u for u in uniform if "error" not in u and u.get("speedup")]
+    if ok:
+        floor = base_accuracy - (space.max_accuracy_drop if space.max_accuracy_drop is not None else 1.0)
+        good = [u for u in ok if u["accuracy"] >= floor] or ok
+        best_quant = max(good, key=lambda u: (u["speedup"], u["accuracy"]))["quant"]
+    for knob, unit, val, cand in sens_jobs:
+        _progress(i, n, f"{knob} {unit}={val}", t0, say)
+        if knob == "bits":
+            cand = Candidate(bits={unit: val}, quant=best_quant or {"mode": "static"})
+        else:
+            cand = Candidate(**{knob: {unit: val}}, recovery=dict(space.recovery))  # type: ignore[arg-type]
+        try:
+            score = score_subset(cand)
+            rows[(knob, unit)][f"drop@{val}"] = max(0.0, base_accuracy - score)
+        except CandidateError:
+            rows[(knob, unit)][f"drop@{val}"] = None
+        i += 1
+    _progress(n, n, "done", t0, say)
+    say("\n")
+    # estimated latency factor of each knob value
+    int8_speed = max((u["speedup"] for u in ok if u["quant"] == best_quant), default=1.0) if ok else 1.0
+    for (knob, unit), row in rows.items():
+        spec = space.knobs[knob]
+        for val in spec.choices:
+            key = f"drop@{val}"
+            if key not in row:
+                continue
+            if knob == "bits":
+                saving = row["latency_share"] * (1 - 1 / int8_speed) if int8_speed > 1 else 0.0
+            elif knob == "prune":
+                saving = row["latency_share"] * float(val)
+            else:
+                in_f, out_f, full = dims.get(unit, (1, 1, 1))
+                r = max(1, round(float(val) * full))
+                ratio = r * (in_f + out_f) / (in_f * out_f)
+                saving = row["latency_share"] * max(0.0, 1 - ratio)
+            row[f"saving@{val}"] = saving
+    out = Analysis(list(rows.values()), uniform, base_accuracy, base_latency_ms, time.perf_counter() - t0)
+    out.best_quant = best_quant  # type: ignore[attr-defined]
+    return out
+
+
+def knapsack_candidates(
+    analysis: Analysis,
+    space: SearchSpace,
+    budgets: Sequence[float],
+    best_quant: dict[str, Any] | None,
+    *,
+    resolution: float = 0.005,
+) -> list[Candidate]:
+    """Warm-start candidates from the additive model of the analysis tables.
+
+    For each accuracy-drop budget, knob values are taken greedily by estimated latency
+    saving per unit of measured drop until the summed drops reach the budget; one value
+    per (knob, unit). A measured drop below ``resolution`` (the subset's granularity)
+    counts as ``resolution``: nothing is free, so larger budgets take more units and the
+    candidates spread from cautious to aggressive.
+    """
+    items: list[tuple[float, float, float, str, str, Any]] = []
+    for row in analysis.units:
+        for key, drop in row.items():
+            if not key.startswith("drop@") or drop is None:
+                continue
+            val = key[len("drop@"):]
+            saving = float(row.get(f"saving@{val}", 0.0))
+            if saving <= 0:
+                continue
+            spec = space.knobs[row["knob"]]
+            value = next(c for c in spec.choices if str(c) == val)
+            cost = max(float(drop), resolution)
+            items.append((saving / cost, saving, cost, row["knob"], row["unit"], value))
+    items.sort(key=lambda t: (-t[0], -t[1]))
+    out: list[Candidate] = []
+    seen: set[str] = set()
+    for budget in budgets:
+        chosen: dict[tuple[str, str], tuple[float, Any]] = {}
+        spent = 0.0
+        for _, _, cost, knob, unit, value in items:
+            if (knob, unit) in chosen or spent + cost > budget:
+                continue
+            chosen[(knob, unit)] = (cost, value)
+            spent += cost
+        if not chosen:
+            continue
+        knobs: dict[str, dict[str, Any]] = {"bits": {}, "prune": {}, "rank": {}}
+        for (knob, unit), (_, value) in chosen.items():
+            knobs[knob][unit] = value
+        quant = dict(best_quant or {}) if knobs["bits"] else {}
+        cand = Candidate(knobs["bits"], knobs["prune"], knobs["rank"], quant,
+                         dict(space.recovery) if (knobs["prune"] or knobs["rank"]) else {})
+        key = json.dumps(cand.to_dict(), sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(cand)
+    return out

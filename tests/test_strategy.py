@@ -1,0 +1,74 @@
+"""Search strategy: measured latency shares, uniform variants, sensitivity, warm start, front re-measure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autosearch import search
+from autosearch.analysis import latency_by_unit, quant_units
+from autosearch.candidate import SpaceUnits
+from autosearch.space import SearchSpace
+from autosearch.strategy import Analysis, knapsack_candidates
+
+SPACE = {
+    "knobs": {
+        "bits": {"choices": [32, 8]},
+        "prune": {"choices": [0.0, 0.5], "include": ["layer2.*", "layer3.*"]},
+        "rank": {"choices": [1.0, 0.5], "include": ["layer3.*"]},
+    },
+    "quantization": {"mode": ["static"], "activation_type": ["uint8"], "per_channel": [True, False], "calibration_samples": 64},
+    "recovery": {"calibration_samples": 64},
+    "constraints": {"max_accuracy_drop": 0.02},
+    "sampler": {"name": "nsga2", "seed": 0, "population_size": 4},
+    "strategy": {"sensitivity_samples": 100},
+}
+
+
+def test_latency_share_covers_the_convolutions(small_source, tmp_path: Path) -> None:
+    path = small_source.save(tmp_path / "m.onnx")
+    units = [u.name for u in quant_units(small_source.onnx_model, by_module=True)]
+    shares = latency_by_unit(str(path), small_source.example_feed, units=units, by_module=True, runs=20)
+    total = sum(shares.values())
+    conv_time = sum(v for k, v in shares.items() if k != "(other)")
+    assert conv_time / total > 0.5  # convolutions dominate this CNN and are mapped back to their units
+    assert sum(1 for k in shares if k.startswith("layer")) >= 10
+
+
+def test_search_runs_analysis_and_starts_from_measured_candidates(small_problem, fast_target, tmp_path: Path) -> None:
+    model, ev, example = small_problem
+    study = search(model, ev, example_inputs=example, space=SPACE, target=fast_target, study_name="warm",
+                   studies_dir=tmp_path, n_trials=6, verbose=False)
+    st = study.optuna_study
+    analysis = st.user_attrs["analysis"]
+    # uniform int8 variants were built, scored and timed for real
+    assert len(analysis["uniform"]) == 2 and all("latency_ms" in u for u in analysis["uniform"])
+    rows = {(r["knob"], r["unit"]): r for r in analysis["units"]}
+    assert ("prune", "layer2.0.conv1") in rows and ("rank", "layer3.0.conv1") in rows and ("bits", "stem.0") in rows
+    assert all(0 <= r["latency_share"] <= 1 for r in rows.values())
+    assert all(r["drop@8"] is not None for (k, _), r in rows.items() if k == "bits")
+    # warm start: float first, then the best uniform variant straight from the analysis cache
+    t = st.trials
+    assert t[0].user_attrs["summary"] == "float"
+    assert t[1].user_attrs.get("cached") is True and set(t[1].user_attrs["candidate"]["bits"].values()) == {8}
+    # the front was re-timed interleaved with the float model and the figures are in the table
+    assert st.user_attrs["front_remeasured"]["trials"]
+    assert study.front()["remeasured_speedup"].notna().all()
+    # a resumed study reuses the cached analysis instead of measuring again
+    again = search(model, ev, example_inputs=example, space=SPACE, target=fast_target, study_name="warm",
+                   studies_dir=tmp_path, n_trials=1, verbose=False)
+    assert again.optuna_study.user_attrs["analysis"]["seconds"] == analysis["seconds"]
+
+
+def test_knapsack_spreads_from_cautious_to_aggressive() -> None:
+    space = SearchSpace.from_dict({"knobs": {"bits": [32, 8], "prune": [0.0, 0.5]}})
+    units = [
+        {"knob": "bits", "unit": f"c{i}", "latency_share": 0.1, "drop@8": 0.0, "saving@8": 0.05} for i in range(5)
+    ] + [{"knob": "prune", "unit": f"c{i}", "latency_share": 0.1, "drop@0.5": 0.02 * (i + 1), "saving@0.5": 0.05} for i in range(5)]
+    analysis = Analysis(units, [], 1.0, 1.0, 0.0)
+    cands = knapsack_candidates(analysis, space, [0.01, 0.03, 0.1], {"mode": "static"}, resolution=0.005)
+    sizes = [len(c.bits) + len(c.prune) for c in cands]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert cands[0].prune == {} and len(cands[0].bits) == 2  # the cheapest items first
+    assert cands[-1].prune  # a larger budget reaches the costlier knob
+    for c in cands:
+        c.validate(SpaceUnits(bits=tuple(f"c{i}" for i in range(5)), prune=tuple(f"c{i}" for i in range(5))))
