@@ -160,6 +160,15 @@ def quantize_model(
             extra: dict[str, Any] = {}
             if overrides:
                 extra["TensorQuantOverrides"] = overrides
+            scope = options.get("op_scope", "all")
+            op_types = None
+            if scope == "weighted":
+                # only the layers' own weighted ops: activations between them stay float
+                op_types = ["Conv", "MatMul", "Gemm"]
+            else:
+                # the quantizer's defaults, but never a Softmax or the Add that feeds one: an
+                # additive attention mask holds float32 min and calibrating it collapses every score
+                exclude = exclude + _softmax_guard(graph)
             try:
                 quantize_static(
                     str(src),
@@ -171,6 +180,7 @@ def quantize_model(
                     activation_type=act,
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
+                    op_types_to_quantize=op_types,
                     calibrate_method=method,
                     extra_options=extra,
                 )
@@ -181,6 +191,20 @@ def quantize_model(
     finally:
         logging.disable(logging.NOTSET)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _softmax_guard(model: onnx.ModelProto) -> list[str]:
+    """Softmax nodes and the Add/Where/Mul nodes that feed them (attention masks)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out: list[str] = []
+    for n in model.graph.node:
+        if n.op_type != "Softmax":
+            continue
+        out.append(n.name)
+        prev = producer.get(n.input[0])
+        if prev is not None and prev.op_type in ("Add", "Where", "Mul", "Sub"):
+            out.append(prev.name)
+    return [o for o in out if o]
 
 
 def build_candidate(

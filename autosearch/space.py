@@ -42,6 +42,7 @@ QUANT_OPTIONS: dict[str, tuple[Any, ...]] = {
     "per_channel": (True, False),
     "reduce_range": (False, True),
     "preprocess": (True, False),
+    "op_scope": ("all", "weighted"),
     "calibrate_method": ("minmax", "entropy", "percentile"),
 }
 OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
@@ -130,7 +131,7 @@ class SearchSpace:
         if not isinstance(cal, int) or cal < 1:
             raise ConfigError(f"'quantization.calibration_samples'{_where(source)} must be a positive integer, got {cal!r}")
         quant: dict[str, tuple[Any, ...]] = {}
-        defaults = {"mode": ["static"], "activation_type": ["uint8"], "per_channel": [True], "reduce_range": [False], "preprocess": [False], "calibrate_method": ["minmax"]}
+        defaults = {"mode": ["static"], "activation_type": ["uint8"], "per_channel": [True], "reduce_range": [False], "preprocess": [False], "calibrate_method": ["minmax"], "op_scope": ["all"]}
         for opt, allowed in QUANT_OPTIONS.items():
             raw = quant_raw.pop(opt, defaults[opt])
             vals = raw if isinstance(raw, list) else [raw]
@@ -215,6 +216,14 @@ class SearchSpace:
             population_size=int(pop),
             source=source,
         )
+
+    def recovery_with(self, *, distill: str = "min") -> dict[str, Any]:
+        """Recovery options with one distillation step count (``min`` or ``max`` of the choices)."""
+        rec = dict(self.recovery)
+        steps = rec.get("distill_steps", 0)
+        if isinstance(steps, list):
+            rec["distill_steps"] = (min if distill == "min" else max)(steps)
+        return rec
 
     # ---------------------------------------------------------------- identity
     def to_dict(self) -> dict[str, Any]:

@@ -69,17 +69,21 @@ class Analysis:
 
 
 def _uniform_variants(space: SearchSpace) -> list[dict[str, Any]]:
+    """Every combination of the settings that change int8 speed or accuracy most (mode, activation
+    type, per-channel, reduced range, op scope); other options at their first choice. The dicts
+    match what the sampler produces, so the study's cache serves the warm-start trials."""
     q = space.quantization
+    first = {k: v[0] for k, v in q.items()}
+    varied = ("activation_type", "per_channel", "reduce_range", "op_scope")
     out = []
     for mode in q.get("mode", ("static",)):
-        if mode == "static":
-            for act, pc, rr in itertools.product(q.get("activation_type", ("uint8",)), q.get("per_channel", (True,)), q.get("reduce_range", (False,))):
-                out.append({"mode": "static", "activation_type": act, "per_channel": pc, "reduce_range": rr,
-                            "preprocess": q.get("preprocess", (False,))[0], "calibrate_method": q.get("calibrate_method", ("minmax",))[0]})
-        else:
-            for pc in q.get("per_channel", (True,)):
-                out.append({"mode": "dynamic", "per_channel": pc, "reduce_range": q.get("reduce_range", (False,))[0],
-                            "preprocess": q.get("preprocess", (False,))[0]})
+        keys = [k for k in varied if k in q and not (mode == "dynamic" and k == "activation_type")]
+        for combo in itertools.product(*(q[k] for k in keys)):
+            d = dict(first, mode=mode, **dict(zip(keys, combo)))
+            if mode == "dynamic":
+                d.pop("activation_type", None)
+                d.pop("calibrate_method", None)
+            out.append(d)
     return out
 
 
@@ -187,7 +191,7 @@ def analyze(
         if knob == "bits":
             cand = Candidate(bits={unit: val}, quant=best_quant or {"mode": "static"})
         else:
-            cand = Candidate(**{knob: {unit: val}}, recovery=dict(space.recovery))  # type: ignore[arg-type]
+            cand = Candidate(**{knob: {unit: val}}, recovery=space.recovery_with(distill="min"))  # type: ignore[arg-type]
         try:
             score = score_subset(cand)
             rows[(knob, unit)][f"drop@{val}"] = max(0.0, base_accuracy - score)
@@ -266,7 +270,7 @@ def knapsack_candidates(
             knobs[knob][unit] = value
         quant = dict(best_quant or {}) if knobs["bits"] else {}
         cand = Candidate(knobs["bits"], knobs["prune"], knobs["rank"], quant,
-                         dict(space.recovery) if (knobs["prune"] or knobs["rank"]) else {})
+                         space.recovery_with(distill="max") if (knobs["prune"] or knobs["rank"]) else {})
         key = json.dumps(cand.to_dict(), sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
