@@ -18,7 +18,8 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/anchors.py
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(EXTRAS),bench]'
+	$(BIN)/python benchmarks/anchors.py --out benchmarks/RESULTS.md
 
 clean-venv:
 	rm -rf $(VENV)

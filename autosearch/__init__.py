@@ -11,6 +11,7 @@ from __future__ import annotations
 from autosearch.candidate import Candidate
 from autosearch.errors import AutosearchError, CandidateError, ConfigError, StudyMismatchError
 from autosearch.evaluate import Evaluator, FidelityEvaluator, LabelledEvaluator
+from autosearch.export import ExportReport, export_trial, pick_trial
 from autosearch.space import SearchSpace, load_space
 from autosearch.study import Study, search
 from autosearch.target import LatencyStats, Target
@@ -23,6 +24,7 @@ __all__ = [
     "CandidateError",
     "ConfigError",
     "Evaluator",
+    "ExportReport",
     "FidelityEvaluator",
     "LabelledEvaluator",
     "LatencyStats",
@@ -30,6 +32,8 @@ __all__ = [
     "Study",
     "StudyMismatchError",
     "Target",
+    "export_trial",
     "load_space",
+    "pick_trial",
     "search",
 ]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 __all__ = ["QuantUnit", "module_path_of_node", "node_unit_map", "quant_units", "units_frame"]
 

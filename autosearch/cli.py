@@ -22,6 +22,8 @@ _EPILOG = """examples:
   autosearch resume mine --n-trials 20             # continue a study where it stopped
   autosearch front mine                            # the Pareto front as a table
   autosearch analyze --model model.onnx            # units, parameters and FLOPs
+  autosearch export mine --pick fastest:0.98 -o out/  # a trial's model, config and verification report
+  autosearch dashboard mine -o mine.html           # one offline HTML page of the study
 
 Studies live in ./studies/<name>.db (SQLite) with artifacts in ./studies/<name>/.
 """
@@ -92,10 +94,48 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--csv", default=None, help="also write the table to this CSV file")
     _add_common(f)
 
-    a = sub.add_parser("analyze", help="list a model's searchable units with parameters and FLOPs",
+    a = sub.add_parser("analyze", help="units with parameters, FLOPs and measured latency share; or a study's analysis",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  autosearch analyze --model default\n  autosearch analyze --model net.onnx\n")
+                       epilog="examples:\n  autosearch analyze --model default\n  autosearch analyze --model net.onnx --threads 2\n"
+                       "  autosearch analyze --study demo     # the sensitivity / latency table a search measured\n\n"
+                       "Latency share comes from ONNX Runtime's node profiler on this machine. The sensitivity scan\n"
+                       "(score drop per unit and knob value) runs as the first step of a search and is kept in the study.\n")
     a.add_argument("--model", default="default", help="'default' or a path to an .onnx file")
+    a.add_argument("--threads", type=int, default=1, help="intra-op threads for the profile (default: %(default)s)")
+    a.add_argument("--study", default=None, help="print the analysis stored in this study instead")
+    a.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    _add_common(a)
+
+    e = sub.add_parser(
+        "export", help="export a trial's model with its config and a verification report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  autosearch export demo                             # the knee of the front, to ./demo-trial<N>/\n"
+        "  autosearch export demo --pick fastest:0.98 -o fast/  # fastest trial with accuracy >= 0.98\n"
+        "  autosearch export demo --pick 12 -o trial12/       # a trial by number\n\n"
+        "RULE: a trial number; fastest (fastest feasible trial); fastest:<min accuracy>; smallest;\n"
+        "smallest:<min accuracy>; knee (the front point farthest from the line joining its ends).\n"
+        "The folder gets model.onnx, config.yaml, metrics.json, report.md and report.json: the exported file\n"
+        "re-loaded, re-scored and timed side by side with the float model, and whether that agrees with the study.\n",
+    )
+    e.add_argument("study", help="study name")
+    e.add_argument("--pick", default="knee", metavar="RULE", help="which trial (default: %(default)s); see below")
+    e.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default: ./<study>-trial<N>)")
+    _add_common(e)
+
+    d = sub.add_parser(
+        "dashboard", help="write one self-contained HTML dashboard of a study (works offline)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  autosearch dashboard demo                    # ./demo-dashboard.html\n"
+        "  autosearch dashboard demo -o reports/demo.html\n\n"
+        "The page shows the Pareto scatter, per-unit knob heatmaps of the front, the hypervolume over trials,\n"
+        "the per-unit analysis when the study has one, failed trials with their reasons and the front as a table.\n"
+        "The study is only read: optuna-dashboard still opens it.\n",
+    )
+    d.add_argument("study", help="study name")
+    d.add_argument("-o", "--out", default=None, metavar="FILE", help="HTML file to write (default: ./<study>-dashboard.html)")
+    _add_common(d)
     return ap
 
 
@@ -198,18 +238,65 @@ def _cmd(args: argparse.Namespace) -> int:
             print(f"wrote {args.csv}")
         return 0
     if args.command == "analyze":
-        from autosearch.analysis import quant_units, units_frame
+        import tempfile
+
+        from autosearch.analysis import latency_by_unit, quant_units, units_frame
         from autosearch.model import import_model
 
-        if args.model == "default":
-            from autosearch.demo import default_problem
+        if args.study:
+            from autosearch.study import Study
 
-            model, _, example = default_problem()
-            src = import_model(model, example)
+            st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+            blob = st.optuna_study.user_attrs.get("analysis")
+            if not blob:
+                raise ConfigError(f"study {args.study!r} has no analysis: it ran with strategy.analysis false")
+            import pandas as pd
+
+            df = pd.DataFrame(blob["units"])
+            print(f"analysis of study {args.study!r} ({blob['seconds']:.0f} s); uniform int8 variants:")
+            for u in blob["uniform"]:
+                print("  ", u)
         else:
-            src = import_model(args.model)
-        df = units_frame(quant_units(src.onnx_model, by_module=src.origin == "torch"))
-        print(df.to_string(index=False))
+            if args.model == "default":
+                from autosearch.demo import default_problem
+
+                model, _, example = default_problem()
+                src = import_model(model, example)
+            else:
+                src = import_model(args.model)
+            units = quant_units(src.onnx_model, by_module=src.origin == "torch")
+            df = units_frame(units)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = src.save(Path(tmp) / "model.onnx")
+                ms = latency_by_unit(str(path), src.example_feed, units=[u.name for u in units],
+                                     by_module=src.origin == "torch", threads=args.threads)
+            total = sum(ms.values()) or 1.0
+            df["latency_ms"] = [ms.get(u, 0.0) for u in df["unit"]]
+            df["latency_share"] = df["latency_ms"] / total
+            print(f"measured total {total:.3f} ms per inference; {ms.get('(other)', 0.0) / total:.1%} outside these units")
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if args.csv:
+            df.to_csv(args.csv, index=False)
+            print(f"wrote {args.csv}")
+        return 0
+    if args.command == "export":
+        from autosearch.export import export_trial, pick_trial
+        from autosearch.study import Study
+
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        number = pick_trial(st, args.pick)
+        out = args.out or f"{args.study}-trial{number}"
+        report = export_trial(st, args.pick, out)
+        print(report.table())
+        print(f"wrote {', '.join(str(p) for p in report.files.values())}")
+        return 0
+    if args.command == "dashboard":
+        from autosearch.dashboard import write_dashboard
+        from autosearch.study import Study
+
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        path = write_dashboard(st, args.out or f"{args.study}-dashboard.html")
+        print(f"wrote {path} (one self-contained HTML file; open it in a browser, no network needed)")
         return 0
     return 2
 

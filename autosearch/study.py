@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 import time
@@ -161,6 +160,8 @@ class Study:
         cores = os.cpu_count() or 1
         rows = []
         for t in self.optuna_study.get_trials(deepcopy=False):
+            if t.state == optuna.trial.TrialState.WAITING:
+                continue  # queued warm-start candidates that have not run yet
             if not include_failed and t.state != optuna.trial.TrialState.COMPLETE:
                 continue
             ua = t.user_attrs
@@ -202,6 +203,31 @@ class Study:
         front = df[np.array(keep)].drop_duplicates(subset=objectives).sort_values("latency_ms")
         return front.reset_index(drop=True)
 
+    def export(
+        self,
+        out_dir: str | Path,
+        *,
+        pick: str | int = "knee",
+        evaluator: Evaluator | None = None,
+        example_inputs: Any = None,
+        target: Target | None = None,
+    ) -> Any:
+        """Export a trial picked by rule (number, ``fastest[:floor]``, ``smallest``, ``knee``) with a
+        verification report that re-measures it against the original (see :func:`autosearch.export.export_trial`).
+
+        Example:
+            >>> report = study.export("out/knee", evaluator=ev)   # doctest: +SKIP
+        """
+        from autosearch.export import export_trial
+
+        return export_trial(self, pick, out_dir, evaluator=evaluator, example_inputs=example_inputs, target=target)
+
+    def dashboard(self, path: str | Path) -> Path:
+        """Write the self-contained HTML dashboard of this study (see :func:`autosearch.dashboard.write_dashboard`)."""
+        from autosearch.dashboard import write_dashboard
+
+        return write_dashboard(self, path)
+
     def candidate(self, trial: int) -> Candidate:
         """The candidate of a trial number."""
         t = self.optuna_study.trials[trial]
@@ -210,6 +236,10 @@ class Study:
 
 def _print_row(msg: str) -> None:
     print(msg, flush=True)
+
+
+def _silent(_msg: str) -> None:
+    return None
 
 
 def search(
@@ -256,7 +286,7 @@ def search(
         ...                study_name="mine", n_trials=10)          # doctest: +SKIP
         >>> study.front()                                            # doctest: +SKIP
     """
-    say = _print_row if verbose else (lambda _m: None)
+    say = _print_row if verbose else _silent
     sp = load_space(space)
     studies_dir = Path(studies_dir)
     studies_dir.mkdir(parents=True, exist_ok=True)
@@ -531,7 +561,7 @@ def _analysis_warm_start(
         analysis = analyze(
             source, sp, units, base_path=base_path, base_accuracy=float(evaluator_subset_base(evaluator, tgt, base_path, n_sub)),
             base_latency_ms=base_latency, measure=measure, score_subset=score_subset, threads=tgt.threads,
-            say=lambda m: (sys.stdout.write(m), sys.stdout.flush()),
+            say=(lambda m: (sys.stdout.write(m), sys.stdout.flush())) if say is not _silent else _silent,
         )
         best_quant = getattr(analysis, "best_quant", None)
         blob = analysis.to_json()
