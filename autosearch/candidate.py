@@ -144,7 +144,7 @@ def sample_candidate(trial: optuna.Trial, space: SearchSpace, units: SpaceUnits)
     quant: dict[str, Any] = {}
     if any(b != 32 for b in chosen["bits"].values()):
         for opt, choices in space.quantization.items():
-            if opt in ("activation_type", "calibrate_method") and quant.get("mode") == "dynamic":
+            if opt in ("activation_type", "calibrate_method", "op_scope") and quant.get("mode") == "dynamic":
                 continue
             quant[opt] = _suggest(trial, f"quant.{opt}", choices)
     recovery: dict[str, Any] = {}

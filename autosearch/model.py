@@ -17,7 +17,7 @@ import copy
 import hashlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -250,6 +250,10 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
             raise ConfigError(
                 "a torch model needs example_inputs: pass one batch of input, e.g. torch.randn(1, 3, 32, 32)"
             )
+        names: list[str] | None = None
+        if isinstance(example_inputs, Mapping):  # named inputs: the keys become the graph's input names
+            names = [str(k) for k in example_inputs]
+            example_inputs = tuple(example_inputs.values())
         inputs = _as_tuple(example_inputs)
         module = copy.deepcopy(model).eval()
         try:
@@ -259,7 +263,7 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
             shapes = [tuple(t.shape) for t in inputs]
             raise ConfigError(f"the model does not run on example_inputs of shapes {shapes}: {exc}") from None
         buf_path = Path(_tmpdir()) / f"export_{id(module)}.onnx"
-        export_onnx(module, inputs, buf_path)
+        export_onnx(module, inputs, buf_path, input_names=names)
         proto = onnx.load(str(buf_path))
         buf_path.unlink(missing_ok=True)
         feed = {vi.name: t.numpy() for vi, t in zip(graph_inputs(proto), inputs)}

@@ -77,12 +77,13 @@ def _uniform_variants(space: SearchSpace) -> list[dict[str, Any]]:
     varied = ("activation_type", "per_channel", "reduce_range", "op_scope")
     out = []
     for mode in q.get("mode", ("static",)):
-        keys = [k for k in varied if k in q and not (mode == "dynamic" and k == "activation_type")]
+        keys = [k for k in varied if k in q and not (mode == "dynamic" and k in ("activation_type", "op_scope"))]
         for combo in itertools.product(*(q[k] for k in keys)):
             d = dict(first, mode=mode, **dict(zip(keys, combo)))
             if mode == "dynamic":
                 d.pop("activation_type", None)
                 d.pop("calibrate_method", None)
+                d.pop("op_scope", None)
             out.append(d)
     return out
 
