@@ -271,7 +271,7 @@ def knapsack_candidates(
             knobs[knob][unit] = value
         quant = dict(best_quant or {}) if knobs["bits"] else {}
         cand = Candidate(knobs["bits"], knobs["prune"], knobs["rank"], quant,
-                         space.recovery_with(distill="max") if (knobs["prune"] or knobs["rank"]) else {})
+                         space.recovery_with(distill="min") if (knobs["prune"] or knobs["rank"]) else {})
         key = json.dumps(cand.to_dict(), sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)

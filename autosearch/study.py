@@ -578,8 +578,16 @@ def _analysis_warm_start(
         out.append(Candidate(bits={n: 8 for n in units.bits}, quant=u["quant"]))
     scale = sp.max_accuracy_drop if sp.max_accuracy_drop is not None else 0.01
     budgets = [b * scale for b in sp.strategy.get("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])]
-    out += knapsack_candidates(analysis, sp, budgets, best_quant,
+    knap = knapsack_candidates(analysis, sp, budgets, best_quant,
                                resolution=0.5 / max(1, min(n_sub, getattr(evaluator, "num_samples", n_sub))))
+    out += knap
+    # compose two measured winners: each structural knapsack point with the best feasible uniform int8
+    if feasible and units.bits:
+        best_u = max(feasible, key=lambda u: u["speedup"])
+        if best_u["speedup"] > 1.0:
+            for c in knap:
+                if c.structural:
+                    out.append(Candidate({n: 8 for n in units.bits}, c.prune, c.rank, best_u["quant"], c.recovery))
     return out
 
 
