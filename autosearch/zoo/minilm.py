@@ -149,9 +149,9 @@ def load_minilm() -> MiniLMEmbedder:
 
     with _quiet_transformers():
         try:
-            bert = AutoModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="eager")
+            bert = AutoModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="eager", local_files_only=True)
         except TypeError:  # older transformers without attn_implementation
-            bert = AutoModel.from_pretrained(str(path), add_pooling_layer=False)
+            bert = AutoModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True)
     model = MiniLMEmbedder(bert.float())
     return model.eval()
 
@@ -166,7 +166,7 @@ def load_tokenizer() -> Any:
     _offline()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def load_sentences(split: str = "eval") -> list[str]:
