@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -324,9 +323,3 @@ def _tmpdir() -> str:
 
     return tempfile.gettempdir()
 
-
-def serialize(model: onnx.ModelProto) -> bytes:
-    """Deterministic bytes of a model (for hashing)."""
-    buf = io.BytesIO()
-    buf.write(model.SerializeToString(deterministic=True))
-    return buf.getvalue()

@@ -17,7 +17,6 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +68,6 @@ def _quiet_optuna(level: int = optuna.logging.WARNING) -> Iterator[None]:
         yield
     finally:
         optuna.logging.set_verbosity(old)
-
-
-@dataclass
-class _Units:
-    space_units: SpaceUnits
-    all_bits: tuple[str, ...]
 
 
 def discover_units(source: SourceModel, space: SearchSpace) -> tuple[SpaceUnits, list[str]]:
@@ -635,7 +628,3 @@ def _measure(
         speedup=base_latency / lat.median_ms,
     )
     return rec
-
-
-def _is_tty() -> bool:
-    return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
