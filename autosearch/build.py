@@ -4,8 +4,10 @@ Structural changes (pruning, low-rank) are made on a copy of the torch module
 and re-exported; ONNX-only models get low-rank on the graph itself.
 Quantization is ONNX Runtime's own quantizer: static QDQ with calibration
 (``quantize_static``) or dynamic (``quantize_dynamic``); per-unit precision is
-set by excluding float units' nodes and, for 16/4 bits, by the quantizer's
-per-tensor overrides. Nothing here re-implements what the quantizer does.
+set by excluding float units' nodes and, for 16 bits (and 4-bit convs), by the
+quantizer's per-tensor overrides. 4-bit MatMul/Gemm units are weight-only int4
+through ORT's ``MatMulNBitsQuantizer`` (the ``MatMulNBits`` contrib op), run
+after the 8/16-bit pass. Nothing here re-implements what the quantizers do.
 
 Any failure of the libraries doing the work (exporter, quantizer, ORT) is a
 :class:`~autosearch.errors.CandidateError`: the trial fails with the reason
@@ -123,10 +125,17 @@ def quantize_model(
                 node_unit[n.name] = unit_of_weight[n.input[1]]
         unit_of_node = node_unit
         quant_nodes = [n for n in graph.graph.node if n.name in unit_of_node]
-        exclude = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) == 32]
-        quantized = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) != 32]
-        if not quantized:
+        # 4-bit MatMul/Gemm with a constant weight: weight-only int4 (MatMulNBits) after the int8 pass
+        nbits = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) == 4 and _nbits_able(graph, n)]
+        exclude = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) == 32 or n.name in nbits]
+        quantized = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) != 32 and n.name not in nbits]
+        if not quantized and not nbits:
             raise CandidateError("no node of the units set to quantize was found in the graph")
+        if not quantized:
+            onnx.save(graph, str(out_path))
+            _int4_weight_only(out_path, nbits, options)
+            notes.append(f"int4 weight-only (MatMulNBits) on {len(nbits)} node(s), the rest float")
+            return out_path
         weight_of = {n.name: n.input[1] for n in quant_nodes if len(n.input) > 1}
         overrides: dict[str, list[dict[str, Any]]] = {}
         for name in quantized:
@@ -145,7 +154,9 @@ def quantize_model(
                     per_channel=bool(options.get("per_channel", False)),
                     reduce_range=bool(options.get("reduce_range", False)),
                     weight_type=QuantType.QInt8,
-                    nodes_to_exclude=[n.name for n in graph.graph.node if n.name and n.name not in quantized],
+                    # the dynamic quantizer rewrites every Gemm as "<name>_MatMul" + "<name>_Add" first
+                    nodes_to_exclude=[x for n in graph.graph.node if n.name and n.name not in quantized
+                                      for x in ((n.name, f"{n.name}_MatMul") if n.op_type == "Gemm" else (n.name,))],
                     extra_options={"MatMulConstBOnly": True},
                 )
             except Exception as exc:
@@ -186,11 +197,81 @@ def quantize_model(
                 )
             except Exception as exc:
                 raise CandidateError(f"quantize_static failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
-        notes.append(f"quantized {len(quantized)} node(s), {len(exclude)} kept float ({mode})")
+        if nbits:
+            _int4_weight_only(out_path, nbits, options)
+            notes.append(f"int4 weight-only (MatMulNBits) on {len(nbits)} node(s)")
+        notes.append(f"quantized {len(quantized)} node(s), {len(exclude) - len(nbits)} kept float ({mode})")
         return out_path
     finally:
         logging.disable(logging.NOTSET)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _nbits_able(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    """Whether ORT's MatMulNBits quantizer can take ``node``: a MatMul, or a plain Gemm, with a constant 2-D weight."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return False
+    weight = next((t for t in model.graph.initializer if t.name == node.input[1]), None)
+    if weight is None or len(weight.dims) != 2:
+        return False
+    if node.op_type == "Gemm":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            return False
+    return True
+
+
+def _gemm_as_matmul(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Rewrite the named Gemm nodes as MatMul (+ Add of the bias): MatMulNBits only replaces MatMul."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = list(model.graph.node)
+    out: list[onnx.NodeProto] = []
+    for n in nodes:
+        if n.op_type != "Gemm" or n.name not in names:
+            out.append(n)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        w = onnx.numpy_helper.to_array(inits[n.input[1]])
+        if attrs.get("transB", 0):
+            w = w.T
+        w_name = f"{n.input[1]}__kn"
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+        if len(n.input) > 2 and n.input[2]:
+            mid = f"{n.output[0]}__mm"
+            out.append(onnx.helper.make_node("MatMul", [n.input[0], w_name], [mid], name=n.name))
+            out.append(onnx.helper.make_node("Add", [mid, n.input[2]], list(n.output), name=f"{n.name}__bias"))
+        else:
+            out.append(onnx.helper.make_node("MatMul", [n.input[0], w_name], list(n.output), name=n.name))
+    model.graph.ClearField("node")
+    model.graph.node.extend(out)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(keep)
+
+
+def _int4_weight_only(path: Path, names: Sequence[str], options: dict[str, Any]) -> None:
+    """Weight-only int4 of the named MatMul/Gemm nodes with ORT's ``MatMulNBitsQuantizer`` (in place)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(path))
+    present = {n.name for n in model.graph.node}
+    names = [n if n in present else f"{n}_MatMul" for n in names]  # Gemm rewritten by the dynamic quantizer
+    try:
+        _gemm_as_matmul(model, names)
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
+        q = MatMulNBitsQuantizer(
+            model,
+            bits=4,
+            block_size=int(options.get("int4_block_size", 32)),
+            is_symmetric=True,
+            accuracy_level=int(options.get("int4_accuracy_level", 0)) or None,
+            nodes_to_exclude=others,  # nodes_to_include does not restrict: every MatMul is taken otherwise
+        )
+        q.process()
+        q.model.save_model_to_file(str(path), use_external_data_format=False)
+    except Exception as exc:
+        raise CandidateError(f"MatMulNBits int4 quantization failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
 
 
 def _softmax_guard(model: onnx.ModelProto) -> list[str]:
@@ -289,7 +370,7 @@ def _structural(source: SourceModel, cand: Candidate, calibration: Sequence[dict
                 calibration=cal_batches,
                 recalibrate_bn=bool(rec.get("bn_recalibration", True)),
                 distill_steps=int(rec.get("distill_steps", 0)),
-                distill_lr=float(rec.get("distill_lr", 1e-3)),
+                distill_lr=float(rec.get("distill_lr", 3e-4)),
             )
         except ConfigError:
             raise

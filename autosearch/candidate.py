@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autosearch.errors import ConfigError
+from autosearch.space import INT4_OPTIONS, STATIC_OPTIONS
 
 if TYPE_CHECKING:
     import optuna
@@ -138,13 +139,18 @@ def sample_candidate(trial: optuna.Trial, space: SearchSpace, units: SpaceUnits)
         spec = space.knobs.get(knob)
         if spec is None:
             continue
+        first: dict[str, str] = {}  # a share group samples from its first unit's choices
         for unit in units.of(knob):
             group = spec.group_of(unit)
-            chosen[knob][unit] = _suggest(trial, f"{group or unit}.{knob}", spec.choices)
+            key = first.setdefault(group, unit) if group else unit
+            chosen[knob][unit] = _suggest(trial, f"{group or unit}.{knob}", spec.choices_for(key))
     quant: dict[str, Any] = {}
     if any(b != 32 for b in chosen["bits"].values()):
+        int4 = any(b == 4 for b in chosen["bits"].values())
         for opt, choices in space.quantization.items():
-            if opt in ("activation_type", "calibrate_method", "op_scope") and quant.get("mode") == "dynamic":
+            if opt in STATIC_OPTIONS and quant.get("mode") == "dynamic":
+                continue
+            if opt in INT4_OPTIONS and not int4:
                 continue
             quant[opt] = _suggest(trial, f"quant.{opt}", choices)
     recovery: dict[str, Any] = {}
@@ -160,13 +166,17 @@ def candidate_params(cand: Candidate, space: SearchSpace, units: SpaceUnits) -> 
     params: dict[str, Any] = {}
     for knob in ("prune", "rank", "bits"):
         spec = space.knobs.get(knob)
-        if spec is None or len(spec.choices) == 1:
+        if spec is None:
             continue
+        first: dict[str, str] = {}
         for unit in units.of(knob):
             group = spec.group_of(unit)
+            choices = spec.choices_for(first.setdefault(group, unit) if group else unit)
+            if len(choices) == 1:
+                continue
             val = getattr(cand, knob).get(unit, NEUTRAL[knob])
-            if val not in spec.choices:
-                val = min(spec.choices, key=lambda c: abs(float(c) - float(val)))
+            if val not in choices:
+                val = min(choices, key=lambda c: abs(float(c) - float(val)))
             params[f"{group or unit}.{knob}"] = val
     for opt, choices in space.quantization.items():
         if len(choices) > 1 and opt in cand.quant and cand.quant[opt] in choices:

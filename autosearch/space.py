@@ -44,7 +44,14 @@ QUANT_OPTIONS: dict[str, tuple[Any, ...]] = {
     "preprocess": (True, False),
     "op_scope": ("all", "weighted"),
     "calibrate_method": ("minmax", "entropy", "percentile"),
+    "int4_block_size": (32, 64, 128, 256),  # 4-bit MatMul/Gemm units: MatMulNBits block
+    "int4_accuracy_level": (0, 1, 2, 3, 4),  # MatMulNBits compute type (4: int8 activations); 0 = ORT default
 }
+QUANT_DEFAULTS: dict[str, Any] = {"mode": "static", "activation_type": "uint8", "per_channel": True, "reduce_range": False,
+                                  "preprocess": False, "calibrate_method": "minmax", "op_scope": "all",
+                                  "int4_block_size": 32, "int4_accuracy_level": 0}
+INT4_OPTIONS = ("int4_block_size", "int4_accuracy_level")  # sampled only when a unit takes 4 bits
+STATIC_OPTIONS = ("activation_type", "calibrate_method", "op_scope")  # not sampled in dynamic mode
 OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
 SAMPLERS = ("nsga2", "tpe", "random")
 _TOP_KEYS = ("name", "description", "version", "knobs", "quantization", "recovery", "objectives", "constraints", "budget", "sampler", "strategy")
@@ -63,13 +70,29 @@ class KnobSpec:
         include: Unit-name glob patterns that get the knob (default all).
         exclude: Patterns removed from ``include``.
         share: Groups of patterns whose units share one sampled value; the parameter
-            is named after the group key.
+            is named after the group key (a group takes the choices of its first unit).
+        by_unit: Pattern -> choices for the units it matches (first match wins),
+            e.g. attention heads ``[0.0, 0.25]`` while FFN neurons take ``choices``.
     """
 
     choices: tuple[Any, ...]
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     share: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    by_unit: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def choices_for(self, unit: str) -> tuple[Any, ...]:
+        """The choices ``unit`` samples from."""
+        for pat, vals in self.by_unit.items():
+            if fnmatch.fnmatchcase(unit, pat):
+                return vals
+        return self.choices
+
+    @property
+    def all_choices(self) -> tuple[Any, ...]:
+        """Every value any unit may take, sorted."""
+        vals = set(self.choices).union(*self.by_unit.values()) if self.by_unit else set(self.choices)
+        return tuple(sorted(vals))
 
     def applies(self, unit: str) -> bool:
         """Whether ``unit`` gets this knob."""
@@ -131,9 +154,8 @@ class SearchSpace:
         if not isinstance(cal, int) or cal < 1:
             raise ConfigError(f"'quantization.calibration_samples'{_where(source)} must be a positive integer, got {cal!r}")
         quant: dict[str, tuple[Any, ...]] = {}
-        defaults = {"mode": ["static"], "activation_type": ["uint8"], "per_channel": [True], "reduce_range": [False], "preprocess": [False], "calibrate_method": ["minmax"], "op_scope": ["all"]}
         for opt, allowed in QUANT_OPTIONS.items():
-            raw = quant_raw.pop(opt, defaults[opt])
+            raw = quant_raw.pop(opt, [QUANT_DEFAULTS[opt]])
             vals = raw if isinstance(raw, list) else [raw]
             for v in vals:
                 if v not in allowed:
@@ -154,7 +176,7 @@ class SearchSpace:
         recovery.setdefault("bn_recalibration", True)
         recovery.setdefault("calibration_samples", 200)
         recovery.setdefault("distill_steps", 0)
-        recovery.setdefault("distill_lr", 1e-3)
+        recovery.setdefault("distill_lr", 3e-4)
         objectives_raw = data.get("objectives", ["accuracy", "latency_ms"])
         if isinstance(objectives_raw, Mapping):
             objectives_raw = list(objectives_raw)
@@ -217,6 +239,16 @@ class SearchSpace:
             source=source,
         )
 
+    def quant_first(self, *, mode: str | None = None, int4: bool = False) -> dict[str, Any]:
+        """Quantization options at their first choice, keyed as the sampler would produce them."""
+        q = {k: v[0] for k, v in self.quantization.items() if int4 or k not in INT4_OPTIONS}
+        if mode is not None:
+            q["mode"] = mode
+        if q.get("mode") == "dynamic":
+            for k in STATIC_OPTIONS:
+                q.pop(k, None)
+        return q
+
     def recovery_with(self, *, distill: str = "min") -> dict[str, Any]:
         """Recovery options with one distillation step count (``min`` or ``max`` of the choices)."""
         rec = dict(self.recovery)
@@ -230,7 +262,12 @@ class SearchSpace:
         """A JSON-able form (used for the study's fingerprint and for export)."""
         out = asdict(self)
         out.pop("source")
-        out["knobs"] = {k: {"choices": list(v.choices), "include": list(v.include), "exclude": list(v.exclude), "share": {g: list(p) for g, p in v.share.items()}} for k, v in self.knobs.items()}
+        out["knobs"] = {}
+        for k, v in self.knobs.items():
+            out["knobs"][k] = {"choices": list(v.choices), "include": list(v.include), "exclude": list(v.exclude),
+                               "share": {g: list(p) for g, p in v.share.items()}}
+            if v.by_unit:
+                out["knobs"][k]["by_unit"] = {p: list(c) for p, c in v.by_unit.items()}
         out["quantization"] = {k: list(v) for k, v in self.quantization.items()}
         return out
 
@@ -239,6 +276,8 @@ class SearchSpace:
         d = self.to_dict()
         for k in ("n_trials", "timeout_s", "name"):
             d.pop(k, None)
+        # options left at their default are left out, so a new option does not orphan older studies
+        d["quantization"] = {k: v for k, v in d["quantization"].items() if v != [QUANT_DEFAULTS.get(k)]}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -247,20 +286,15 @@ def _knob(knob: str, spec: Any, source: str | None) -> KnobSpec:
         spec = {"choices": spec}
     if not isinstance(spec, Mapping):
         raise ConfigError(f"'knobs.{knob}'{_where(source)} must be a list of choices or a mapping with 'choices'")
-    allowed_keys = {"choices", "include", "exclude", "share"}
+    allowed_keys = {"choices", "include", "exclude", "share", "by_unit"}
     for key in spec:
         if key not in allowed_keys:
             raise ConfigError(f"unknown key 'knobs.{knob}.{key}'{_where(source)}; allowed: {', '.join(sorted(allowed_keys))}")
-    choices = spec.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise ConfigError(f"'knobs.{knob}.choices'{_where(source)} must be a non-empty list, got {choices!r}")
-    for v in choices:
-        if knob == "bits" and v not in KNOB_VALUES["bits"]:
-            raise ConfigError(f"'knobs.bits.choices'{_where(source)} has {v!r}; allowed: 32, 16, 8, 4")
-        if knob == "prune" and not (isinstance(v, (int, float)) and 0 <= v < 1):
-            raise ConfigError(f"'knobs.prune.choices'{_where(source)} has {v!r}; a pruning ratio must be in [0, 1)")
-        if knob == "rank" and not (isinstance(v, (int, float)) and 0 < v <= 1):
-            raise ConfigError(f"'knobs.rank.choices'{_where(source)} has {v!r}; a kept-rank fraction must be in (0, 1]")
+    vals = _knob_choices(knob, "choices", spec.get("choices"), source)
+    by_raw = spec.get("by_unit") or {}
+    if not isinstance(by_raw, Mapping):
+        raise ConfigError(f"'knobs.{knob}.by_unit'{_where(source)} must map a unit-name pattern to a list of choices, got {by_raw!r}")
+    by_unit = {str(p): _knob_choices(knob, f"by_unit.{p}", c, source) for p, c in by_raw.items()}
     def pats(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = spec.get(key, list(default))
         if isinstance(raw, str):
@@ -272,8 +306,20 @@ def _knob(knob: str, spec: Any, source: str | None) -> KnobSpec:
     if not isinstance(share_raw, Mapping):
         raise ConfigError(f"'knobs.{knob}.share'{_where(source)} must map a group name to a list of patterns")
     share = {str(g): tuple([p] if isinstance(p, str) else p) for g, p in share_raw.items()}
-    vals = tuple(float(v) if knob != "bits" else int(v) for v in dict.fromkeys(choices))
-    return KnobSpec(vals, pats("include", ("*",)), pats("exclude", ()), share)
+    return KnobSpec(vals, pats("include", ("*",)), pats("exclude", ()), share, by_unit)
+
+
+def _knob_choices(knob: str, key: str, choices: Any, source: str | None) -> tuple[Any, ...]:
+    if not isinstance(choices, list) or not choices:
+        raise ConfigError(f"'knobs.{knob}.{key}'{_where(source)} must be a non-empty list, got {choices!r}")
+    for v in choices:
+        if knob == "bits" and v not in KNOB_VALUES["bits"]:
+            raise ConfigError(f"'knobs.bits.{key}'{_where(source)} has {v!r}; allowed: 32, 16, 8, 4")
+        if knob == "prune" and not (isinstance(v, (int, float)) and 0 <= v < 1):
+            raise ConfigError(f"'knobs.prune.{key}'{_where(source)} has {v!r}; a pruning ratio must be in [0, 1)")
+        if knob == "rank" and not (isinstance(v, (int, float)) and 0 < v <= 1):
+            raise ConfigError(f"'knobs.rank.{key}'{_where(source)} has {v!r}; a kept-rank fraction must be in (0, 1]")
+    return tuple(float(v) if knob != "bits" else int(v) for v in dict.fromkeys(choices))
 
 
 def preset_path(name: str) -> Path:

@@ -73,18 +73,13 @@ def _uniform_variants(space: SearchSpace) -> list[dict[str, Any]]:
     type, per-channel, reduced range, op scope); other options at their first choice. The dicts
     match what the sampler produces, so the study's cache serves the warm-start trials."""
     q = space.quantization
-    first = {k: v[0] for k, v in q.items()}
     varied = ("activation_type", "per_channel", "reduce_range", "op_scope")
     out = []
     for mode in q.get("mode", ("static",)):
-        keys = [k for k in varied if k in q and not (mode == "dynamic" and k in ("activation_type", "op_scope"))]
+        first = space.quant_first(mode=mode)
+        keys = [k for k in varied if k in first]
         for combo in itertools.product(*(q[k] for k in keys)):
-            d = dict(first, mode=mode, **dict(zip(keys, combo)))
-            if mode == "dynamic":
-                d.pop("activation_type", None)
-                d.pop("calibrate_method", None)
-                d.pop("op_scope", None)
-            out.append(d)
+            out.append(dict(first, **dict(zip(keys, combo))))
     return out
 
 
@@ -151,9 +146,10 @@ def analyze(
     # uniform variants, measured for real (become warm-start trials)
     uniform: list[dict[str, Any]] = []
     jobs: list[tuple[str, Candidate]] = []
-    if units.bits and "bits" in space.knobs and 8 in space.knobs["bits"].choices:
+    int8_units = [u for u in units.bits if "bits" in space.knobs and 8 in space.knobs["bits"].choices_for(u)]
+    if int8_units:
         for q in _uniform_variants(space):
-            jobs.append(("uniform int8 " + json.dumps(q, sort_keys=True), Candidate(bits={u: 8 for u in units.bits}, quant=q)))
+            jobs.append(("uniform int8 " + json.dumps(q, sort_keys=True), Candidate(bits={u: 8 for u in int8_units}, quant=q)))
     sens_jobs: list[tuple[str, str, Any, Candidate]] = []
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for knob in ("bits", "prune", "rank"):
@@ -166,7 +162,7 @@ def analyze(
                                    "params": sum(qunits[m].params for m in mods if m in qunits),
                                    "mflops": sum(qunits[m].flops for m in mods if m in qunits) / 1e6}
             rows[(knob, unit)] = row
-            for val in spec.choices:
+            for val in spec.choices_for(unit):
                 if (knob == "bits" and val == 32) or (knob == "prune" and val == 0) or (knob == "rank" and val >= 1):
                     continue
                 sens_jobs.append((knob, unit, val, Candidate(**{knob: {unit: val}})))  # type: ignore[arg-type]
@@ -205,7 +201,7 @@ def analyze(
     int8_speed = max((u["speedup"] for u in ok if u["quant"] == best_quant), default=1.0) if ok else 1.0
     for (knob, unit), row in rows.items():
         spec = space.knobs[knob]
-        for val in spec.choices:
+        for val in spec.choices_for(unit):
             key = f"drop@{val}"
             if key not in row:
                 continue
@@ -250,7 +246,7 @@ def knapsack_candidates(
             if saving <= 0:
                 continue
             spec = space.knobs[row["knob"]]
-            value = next(c for c in spec.choices if str(c) == val)
+            value = next(c for c in spec.choices_for(row["unit"]) if str(c) == val)
             cost = max(float(drop), resolution)
             items.append((saving / cost, saving, cost, row["knob"], row["unit"], value))
     items.sort(key=lambda t: (-t[0], -t[1]))

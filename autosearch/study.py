@@ -506,13 +506,17 @@ def _check_same(old: Mapping[str, Any], new: Mapping[str, Any], name: str, url: 
 def _warm_start(sp: SearchSpace, units: SpaceUnits) -> list[Candidate]:
     """Float and uniform low-precision candidates, tried before the sampler takes over."""
     spec = sp.knobs.get("bits")
-    out = [Candidate()] if spec is None or 32 in spec.choices else []
-    if spec is not None and units.bits:
-        low = [b for b in spec.choices if b != 32]
-        if 8 in low:
-            quant = {opt: choices[0] for opt, choices in sp.quantization.items()}
-            out.append(Candidate(bits={u: 8 for u in units.bits}, quant=quant))
+    out = [Candidate()] if spec is None or 32 in spec.all_choices else []
+    int8 = _uniform_bits(sp, units, 8)
+    if int8:
+        out.append(Candidate(bits=int8, quant=sp.quant_first()))
     return out
+
+
+def _uniform_bits(sp: SearchSpace, units: SpaceUnits, bits: int) -> dict[str, int]:
+    """Every bits unit that may take ``bits``, at ``bits``."""
+    spec = sp.knobs.get("bits")
+    return {u: bits for u in units.bits if spec is not None and bits in spec.choices_for(u)}
 
 
 def _analysis_warm_start(
@@ -568,19 +572,42 @@ def _analysis_warm_start(
     floor = _floor(sp, base_acc)
     feasible = [u for u in ok if floor is None or u["accuracy"] >= floor]
     for u in sorted(feasible, key=lambda u: -u["speedup"])[:2]:
-        out.append(Candidate(bits={n: 8 for n in units.bits}, quant=u["quant"]))
+        out.append(Candidate(bits=_uniform_bits(sp, units, 8), quant=u["quant"]))
     scale = sp.max_accuracy_drop if sp.max_accuracy_drop is not None else 0.01
     budgets = [b * scale for b in sp.strategy.get("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])]
     knap = knapsack_candidates(analysis, sp, budgets, best_quant,
                                resolution=0.5 / max(1, min(n_sub, getattr(evaluator, "num_samples", n_sub))))
     out += knap
-    # compose two measured winners: each structural knapsack point with the best feasible uniform int8
+    best_int8: dict[str, int] = {}
+    best_q: dict[str, Any] = {}
     if feasible and units.bits:
         best_u = max(feasible, key=lambda u: u["speedup"])
         if best_u["speedup"] > 1.0:
-            for c in knap:
-                if c.structural:
-                    out.append(Candidate({n: 8 for n in units.bits}, c.prune, c.rank, best_u["quant"], c.recovery))
+            best_int8, best_q = _uniform_bits(sp, units, 8), dict(best_u["quant"])
+    # compose two measured winners: each structural knapsack point with the best feasible uniform int8
+    if best_int8:
+        out += [Candidate(best_int8, c.prune, c.rank, best_q, c.recovery) for c in knap if c.structural]
+    out += _uniform_structural(sp, units, best_int8, best_q)
+    return out
+
+
+def _uniform_structural(sp: SearchSpace, units: SpaceUnits, bits: dict[str, int], quant: dict[str, Any]) -> list[Candidate]:
+    """Every prune unit at each prune choice, with the most recovery the space allows, on the best int8.
+
+    What an engineer tries first; the per-unit sensitivity of the analysis is measured with the
+    least recovery, so it cannot see that distillation makes uniform pruning affordable.
+    """
+    spec = sp.knobs.get("prune")
+    if spec is None or not units.prune:
+        return []
+    rec = sp.recovery_with(distill="max")
+    out = []
+    for r in sorted(spec.all_choices):
+        if r <= 0:
+            continue
+        # each unit at r, or at the largest of its own choices below r
+        prune = {u: max((c for c in spec.choices_for(u) if c <= r), default=0.0) for u in units.prune}
+        out.append(Candidate(bits, {u: float(p) for u, p in prune.items() if p > 0}, {}, quant if bits else {}, rec))
     return out
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from autosearch.analysis import quant_units
+from autosearch.analysis import module_path_of_node, quant_units
 from autosearch.build import build_candidate
 from autosearch.candidate import Candidate, SpaceUnits
 from autosearch.errors import CandidateError, ConfigError
@@ -116,3 +116,91 @@ def test_preprocessing_fusion_keeps_per_unit_choices(mlp_onnx: Path, tmp_path: P
     graph = onnx.load(str(res.path)).graph
     assert any(n.op_type == "DequantizeLinear" and n.output[0].startswith("w1") for n in graph.node)
     assert not any(n.op_type == "DequantizeLinear" and n.output[0].startswith("w2") for n in graph.node)
+
+
+def _mlp(mlp_onnx: Path):
+    import numpy as np
+
+    from autosearch.model import import_model
+
+    src = import_model(mlp_onnx)
+    cal = [{"x": np.random.default_rng(i).standard_normal((4, 16)).astype(np.float32)} for i in range(8)]
+    return src, [u.name for u in quant_units(src.onnx_model)], cal
+
+
+def _outputs(path: Path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("quant", [{"mode": "static"}, {"mode": "dynamic"}])
+def test_int4_matmul_and_gemm_units_become_matmulnbits(mlp_onnx: Path, tmp_path: Path, quant) -> None:
+    """4 bits on a MatMul or Gemm unit is ORT's weight-only MatMulNBits; 8-bit units beside it keep int8."""
+    import numpy as np
+
+    src, units, cal = _mlp(mlp_onnx)
+    x = np.random.default_rng(99).standard_normal((5, 16)).astype(np.float32)
+    ref = _outputs(src.save(tmp_path / "f.onnx"), x)
+    res = build_candidate(src, Candidate(bits={"fc1_matmul": 8, "fc2": 4}, quant=quant), tmp_path / "m", bits_units=units, calibration=cal)
+    graph = onnx.load(str(res.path)).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["MatMulNBits"] == 1, ops
+    nbits = next(n for n in graph.node if n.op_type == "MatMulNBits")
+    assert nbits.name.startswith("fc2")  # the Gemm unit, rewritten as MatMul + bias Add
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in nbits.attribute}["bits"] == 4
+    if quant["mode"] == "static":
+        assert any(n.op_type == "DequantizeLinear" and n.output[0].startswith("w1") for n in graph.node)
+    else:
+        assert ops["MatMulInteger"] == 1
+    y = _outputs(res.path, x)
+    assert y.shape == ref.shape
+    rel = np.abs(y - ref).max() / np.abs(ref).max()
+    assert 0 < rel < 0.2, rel  # 4-bit weights: close, not equal
+    assert any("MatMulNBits" in n for n in res.notes)
+
+
+def test_int4_only_and_block_size_option(mlp_onnx: Path, tmp_path: Path) -> None:
+    src, units, cal = _mlp(mlp_onnx)
+    res = build_candidate(src, Candidate(bits={"fc1_matmul": 4}, quant={"mode": "static", "int4_block_size": 16}), tmp_path,
+                          bits_units=units, calibration=cal)
+    graph = onnx.load(str(res.path)).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1 and nbits[0].name.startswith("fc1_matmul")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}["block_size"] == 16
+    assert not any(n.op_type == "QuantizeLinear" for n in graph.node)  # nothing else was quantized
+    assert next(n for n in graph.node if n.name == "fc2").op_type == "Gemm"
+
+
+def test_int16_and_int4_conv_units_are_qdq_overrides(small_source, small_problem, fast_target, tmp_path: Path) -> None:
+    """16 bits, and 4 bits on a conv (no MatMulNBits for convs), are QDQ weight overrides; the model runs."""
+    _, ev, _ = small_problem
+    units = _units(small_source)
+    bits = {u: 8 for u in units} | {"layer1.0.conv1": 16, "layer1.0.conv2": 4}
+    res = build_candidate(small_source, Candidate(bits=bits, quant={"mode": "static", "activation_type": "uint8"}), tmp_path,
+                          bits_units=units, calibration=ev.calibration_feeds(32, ["input"]))
+    graph = onnx.load(str(res.path)).graph
+    inits = {t.name: t.data_type for t in graph.initializer}
+    dq_types = {n.output[0]: inits.get(n.input[0]) for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    conv = {n.name: n for n in graph.node if n.op_type == "Conv"}
+
+    def weight_type(unit: str) -> int | None:
+        node = next(n for name, n in conv.items() if module_path_of_node(name) == unit)
+        return dq_types.get(node.input[1])
+
+    assert weight_type("layer1.0.conv1") == onnx.TensorProto.INT16
+    assert weight_type("layer1.0.conv2") == onnx.TensorProto.INT4
+    assert weight_type("layer2.0.conv1") == onnx.TensorProto.INT8
+    acc = ev(fast_target.session(res.path))
+    assert acc > 0.5
+
+
+def test_dynamic_mode_keeps_a_float_gemm_unit_float(mlp_onnx: Path, tmp_path: Path) -> None:
+    """quantize_dynamic renames each Gemm to "<name>_MatMul" before excluding nodes; a float unit stays float."""
+    src, units, cal = _mlp(mlp_onnx)
+    res = build_candidate(src, Candidate(bits={"fc1_matmul": 8, "fc2": 32}, quant={"mode": "dynamic"}), tmp_path,
+                          bits_units=units, calibration=cal)
+    graph = onnx.load(str(res.path)).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["MatMulInteger"] == 1
+    assert any(n.op_type in ("Gemm", "MatMul") and "w2" in n.input[1] for n in graph.node)

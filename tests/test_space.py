@@ -40,6 +40,9 @@ def test_fingerprint_ignores_budget_but_not_choices() -> None:
         ({"budget": {"n_trials": 0}}, r"'budget.n_trials' must be a positive integer"),
         ({"sampler": {"name": "cmaes"}}, r"'sampler.name' is 'cmaes'; allowed: nsga2, tpe, random"),
         ({"recovery": {"bn": True}}, r"unknown key 'recovery.bn'"),
+        ({"knobs": {"prune": {"choices": [0.0], "by_unit": {"*.attn": [0.0, 1.0]}}}}, r"'knobs.prune.by_unit.\*.attn' has 1.0"),
+        ({"knobs": {"prune": {"choices": [0.0], "by_unit": [0.5]}}}, r"'knobs.prune.by_unit' must map a unit-name pattern"),
+        ({"quantization": {"int4_block_size": [48]}}, r"'quantization.int4_block_size' has value 48; allowed: 32, 64, 128, 256"),
     ],
 )
 def test_bad_values_are_named(data: dict, message: str) -> None:
@@ -66,3 +69,45 @@ def test_include_exclude_and_share() -> None:
     spec = space.knobs["bits"]
     assert spec.applies("layer1.0.conv1") and not spec.applies("layer3.0.conv1") and not spec.applies("stem.0")
     assert spec.group_of("layer1.1.conv2") == "l1" and spec.group_of("layer2.0.conv1") is None
+
+
+def test_fingerprint_leaves_out_options_at_their_default() -> None:
+    """A space that spells out a default is the same space (and a new option does not orphan old studies)."""
+    a = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}})
+    b = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}, "quantization": {"int4_block_size": 32, "per_channel": [True]}})
+    c = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}, "quantization": {"int4_block_size": [32, 128]}})
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_by_unit_choices_per_pattern_are_sampled_per_unit(tmp_path: Path) -> None:
+    import optuna
+
+    from autosearch.candidate import SpaceUnits, candidate_params, sample_candidate
+
+    space = SearchSpace.from_dict({
+        "knobs": {
+            "prune": {"choices": [0.0, 0.25, 0.5], "by_unit": {"*.attn": [0.0, 0.25], "*.fixed": [0.0]}},
+            "bits": {"choices": [32, 8, 4], "by_unit": {"conv*": [32, 8]}},
+        },
+        "quantization": {"int4_block_size": [32, 128], "mode": ["static", "dynamic"]},
+    })
+    spec = space.knobs["prune"]
+    assert spec.choices_for("b0.attn") == (0.0, 0.25) and spec.choices_for("b0.ffn") == (0.0, 0.25, 0.5)
+    assert spec.all_choices == (0.0, 0.25, 0.5)
+    units = SpaceUnits(bits=("conv1", "fc"), prune=("b0.attn", "b0.ffn", "b0.fixed"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_attn, saw_int4_opts, saw_plain_int8 = set(), False, False
+    for _ in range(60):
+        trial = study.ask()
+        cand = sample_candidate(trial, space, units)
+        seen_attn.add(cand.prune["b0.attn"])
+        assert cand.prune["b0.fixed"] == 0.0 and "b0.fixed.prune" not in trial.params  # one choice: no parameter
+        assert cand.bits["conv1"] in (32, 8)
+        has4 = 4 in cand.bits.values()
+        assert ("int4_block_size" in cand.quant) == has4  # int4 options only when a unit takes 4 bits
+        saw_int4_opts |= has4
+        saw_plain_int8 |= cand.quantized and not has4
+        assert candidate_params(cand, space, units) == trial.params  # enqueue reproduces the sample
+        study.tell(trial, 0.0)
+    assert seen_attn == {0.0, 0.25}
+    assert saw_int4_opts and saw_plain_int8

@@ -72,3 +72,18 @@ def test_knapsack_spreads_from_cautious_to_aggressive() -> None:
     assert cands[-1].prune  # a larger budget reaches the costlier knob
     for c in cands:
         c.validate(SpaceUnits(bits=tuple(f"c{i}" for i in range(5)), prune=tuple(f"c{i}" for i in range(5))))
+
+
+def test_uniform_structural_warm_start_uses_most_recovery_and_per_unit_choices() -> None:
+    from autosearch.study import _uniform_structural
+
+    space = SearchSpace.from_dict({
+        "knobs": {"prune": {"choices": [0.0, 0.25, 0.5], "by_unit": {"*.attn": [0.0, 0.25]}}, "bits": [32, 8]},
+        "recovery": {"distill_steps": [0, 100]},
+    })
+    units = SpaceUnits(bits=("a", "b"), prune=("b0.attn", "b0.ffn"))
+    q = {"mode": "static", "activation_type": "uint8"}
+    cands = _uniform_structural(space, units, {"a": 8, "b": 8}, q)
+    assert [dict(c.prune) for c in cands] == [{"b0.attn": 0.25, "b0.ffn": 0.25}, {"b0.attn": 0.25, "b0.ffn": 0.5}]
+    assert all(c.recovery["distill_steps"] == 100 and dict(c.bits) == {"a": 8, "b": 8} and dict(c.quant) == q for c in cands)
+    assert not _uniform_structural(space, units, {}, {})[0].quantized  # no int8 worth composing: structural only
