@@ -211,7 +211,7 @@ class SearchSpace:
         if sname not in SAMPLERS:
             raise ConfigError(f"'sampler.name'{_where(source)} is {sname!r}; allowed: {', '.join(SAMPLERS)}")
         strategy = dict(data.get("strategy") or {})
-        strat_allowed = {"analysis": bool, "sensitivity_samples": int, "warm_start_budgets": list, "remeasure_front": bool}
+        strat_allowed = {"analysis": bool, "sensitivity_samples": int, "warm_start_budgets": list, "remeasure_front": bool, "narrow": bool}
         for key, val in strategy.items():
             if key not in strat_allowed:
                 raise ConfigError(f"unknown key 'strategy.{key}'{_where(source)}; allowed: {', '.join(strat_allowed)}")
@@ -221,6 +221,7 @@ class SearchSpace:
         strategy.setdefault("sensitivity_samples", 150)
         strategy.setdefault("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])  # x max_accuracy_drop
         strategy.setdefault("remeasure_front", True)
+        strategy.setdefault("narrow", True)  # fix quantizer options whose alternatives all measured far slower
         return cls(
             name=str(data.get("name", Path(source).stem if source else "custom")),
             strategy=strategy,

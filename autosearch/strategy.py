@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from autosearch.errors import CandidateError
 from autosearch.model import SourceModel
 from autosearch.space import SearchSpace
 
-__all__ = ["Analysis", "analyze", "knapsack_candidates"]
+__all__ = ["Analysis", "analyze", "knapsack_candidates", "narrowed_options"]
 
 Measure = Callable[[Candidate], dict[str, Any]]
 
@@ -66,6 +66,39 @@ class Analysis:
         import pandas as pd
 
         return pd.DataFrame(self.units)
+
+
+def narrowed_options(
+    space: SearchSpace, uniform: Sequence[Mapping[str, Any]], floor: float | None, *, slower: float = 0.75
+) -> tuple[dict[str, Any], list[str]]:
+    """Quantizer options the measurements settle, as fixed Optuna parameters, with the reasons.
+
+    An option is fixed to the value of the fastest feasible uniform int8 variant when every other
+    value's fastest feasible variant runs below ``slower`` times its speed (e.g. dynamic
+    quantization of convolutions, or int8 activations, on a CPU without VNNI). The sampler then
+    spends no trials on them; the measured variants themselves stay in the study.
+    """
+    ok = [u for u in uniform if "error" not in u and u.get("speedup")]
+    feasible = [u for u in ok if floor is None or u["accuracy"] >= floor]
+    if not feasible:
+        return {}, []
+    best = max(feasible, key=lambda u: (u["speedup"], u["accuracy"]))
+    fixed: dict[str, Any] = {}
+    why: list[str] = []
+    for opt, choices in space.quantization.items():
+        if len(choices) < 2 or opt not in best["quant"]:
+            continue
+        others = {}
+        for val in choices:
+            if val == best["quant"][opt]:
+                continue
+            with_val = [u["speedup"] for u in feasible if u["quant"].get(opt) == val]
+            others[val] = max(with_val, default=0.0)
+        if others and all(sp < slower * best["speedup"] for sp in others.values()):
+            fixed[f"quant.{opt}"] = best["quant"][opt]
+            alt = ", ".join(f"{v} {sp:.2f}x" if sp else f"{v} never feasible" for v, sp in others.items())
+            why.append(f"quant.{opt}={best['quant'][opt]} ({best['speedup']:.2f}x; {alt})")
+    return fixed, why
 
 
 def _uniform_variants(space: SearchSpace) -> list[dict[str, Any]]:

@@ -382,6 +382,19 @@ def search(
             params = candidate_params(cand, sp, units)
             if params:
                 ost.enqueue_trial(params, skip_if_exists=True)
+        cached = ost.user_attrs.get("analysis")
+        if sp.strategy.get("narrow", True) and cached:
+            from autosearch.strategy import narrowed_options
+
+            fixed, why = narrowed_options(sp, cached.get("uniform", []), floor)
+            ost.set_user_attr("narrowed", {"fixed": fixed, "why": why})
+    narrowed = ost.user_attrs.get("narrowed") or {}
+    if narrowed.get("fixed"):
+        # measured, not assumed: options whose every alternative ran far slower are fixed for the sampler
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            ost.sampler = optuna.samplers.PartialFixedSampler(narrowed["fixed"], ost.sampler)
+        say("[autosearch] the sampler keeps " + "; ".join(narrowed["why"]))
 
     budget = n_trials if n_trials is not None else sp.n_trials
     total = n_before + budget
@@ -426,7 +439,7 @@ def search(
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         ua = trial.user_attrs
-        head = f"[trial {trial.number + 1:>3}/{total}]"
+        head = f"[{trial.number + 1:>3}/{total}] trial {trial.number:<3}"
         if trial.state == optuna.trial.TrialState.COMPLETE:
             flag = "" if ua.get("feasible", True) else "  (below floor)"
             say(

@@ -33,10 +33,10 @@ def test_search_resume_front_on_onnx_with_labels(tmp_path: Path) -> None:
     np.savez(tmp_path / "val.npz", x=x, y=y)
     out = _cli("search", "--model", "mlp.onnx", "--data", "val.npz", "--study", "cli", "--n-trials", "3", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "Pareto front of study 'cli'" in out.stdout and "[trial   3/3]" in out.stdout
+    assert "Pareto front of study 'cli'" in out.stdout and "[  3/3] trial 2" in out.stdout
     out = _cli("resume", "cli", "--n-trials", "2", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "(3 trials so far)" in out.stdout and "[trial   5/5]" in out.stdout
+    assert "(3 trials so far)" in out.stdout and "[  5/5] trial 4" in out.stdout
     out = _cli("front", "cli", "--all", "--csv", "all.csv", cwd=tmp_path)
     assert out.returncode == 0 and (tmp_path / "all.csv").read_text().count("\n") == 6
 

@@ -85,7 +85,7 @@ def test_kernel_is_this_environment(workdir: Path, kernel_env: dict[str, str]) -
 def test_01_quickstart(workdir: Path, kernel_env: dict[str, str]) -> None:
     nb = _execute("01_quickstart", workdir, kernel_env)
     text = _text(nb)
-    assert "[trial   6/6]" in text  # progress printed
+    assert "[  6/6] trial 5" in text  # progress printed
     tables = _html_tables(nb)
     assert tables and "latency_ms" in tables[0] and tables[0].count("<tr") >= 2  # the front: header and rows
     assert (workdir / "studies" / "quickstart.db").exists()
@@ -118,6 +118,6 @@ def test_04_bring_your_own_onnx(workdir: Path, kernel_env: dict[str, str]) -> No
     nb = _execute("04_bring_your_own_onnx", workdir, kernel_env)
     text = _text(nb)
     assert (workdir / "my_mlp.onnx").exists()
-    assert "fidelity_top1" in text and "[trial   6/6]" in text
+    assert "fidelity_top1" in text and "[  6/6] trial 5" in text
     assert "rank" in text  # the rank knob was searched
     assert (workdir / "exported" / "byo_onnx" / "report.md").exists()

@@ -50,6 +50,11 @@ def test_search_runs_analysis_and_starts_from_measured_candidates(small_problem,
     t = st.trials
     assert t[0].user_attrs["summary"] == "float"
     assert t[1].user_attrs.get("cached") is True and set(t[1].user_attrs["candidate"]["bits"].values()) == {8}
+    # options the uniform variants settled are fixed for every sampled (not enqueued) trial
+    narrowed = st.user_attrs["narrowed"]
+    assert set(narrowed["fixed"]) <= {"quant.per_channel"} and len(narrowed["why"]) == len(narrowed["fixed"])
+    for name, val in narrowed["fixed"].items():
+        assert all(tr.params.get(name, val) == val for tr in t if "fixed_params" not in tr.system_attrs)
     # the front was re-timed interleaved with the float model and the figures are in the table
     assert st.user_attrs["front_remeasured"]["trials"]
     assert study.front()["remeasured_speedup"].notna().all()
@@ -87,3 +92,26 @@ def test_uniform_structural_warm_start_uses_most_recovery_and_per_unit_choices()
     assert [dict(c.prune) for c in cands] == [{"b0.attn": 0.25, "b0.ffn": 0.25}, {"b0.attn": 0.25, "b0.ffn": 0.5}]
     assert all(c.recovery["distill_steps"] == 100 and dict(c.bits) == {"a": 8, "b": 8} and dict(c.quant) == q for c in cands)
     assert not _uniform_structural(space, units, {}, {})[0].quantized  # no int8 worth composing: structural only
+
+
+def test_measured_dead_ends_are_fixed_for_the_sampler() -> None:
+    from autosearch.strategy import narrowed_options
+
+    space = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}, "quantization": {
+        "mode": ["static", "dynamic"], "activation_type": ["uint8", "int8"], "per_channel": [True, False]}})
+    s = {"mode": "static", "activation_type": "uint8"}
+    uniform = [
+        {"quant": {**s, "per_channel": True}, "accuracy": 0.90, "speedup": 1.90},  # fastest, below the floor
+        {"quant": {**s, "per_channel": False}, "accuracy": 0.98, "speedup": 1.85},
+        {"quant": {**s, "activation_type": "int8", "per_channel": False}, "accuracy": 0.98, "speedup": 0.95},
+        {"quant": {"mode": "dynamic", "per_channel": True}, "accuracy": 0.98, "speedup": 0.24},
+        {"quant": {"mode": "dynamic", "per_channel": False}, "error": "failed"},
+    ]
+    fixed, why = narrowed_options(space, uniform, floor=0.97)
+    # per-channel static was below the floor and dynamic per-channel slow: per_channel=False is settled too
+    assert fixed == {"quant.mode": "static", "quant.activation_type": "uint8", "quant.per_channel": False}
+    assert any("dynamic 0.24x" in w for w in why) and any("True 0.24x" in w for w in why)
+    # nothing is fixed where alternatives are close, or where nothing is feasible
+    uniform[2]["speedup"] = 1.6
+    assert "quant.activation_type" not in narrowed_options(space, uniform, floor=0.97)[0]
+    assert narrowed_options(space, uniform, floor=0.999) == ({}, [])
