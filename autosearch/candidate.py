@@ -114,6 +114,7 @@ class Candidate:
                 f"int{'/'.join(map(str, kinds))} {n8}/{len(self.bits)} {mode}"
                 + (f" {act}" if mode == "static" else "")
                 + (" per-ch" if q.get("per_channel") else "")
+                + (" rr" if q.get("reduce_range") else "")
             )
         else:
             parts.append("float")

@@ -183,22 +183,29 @@ def analyze(
     if int8_units:
         for q in _uniform_variants(space):
             jobs.append(("uniform int8 " + json.dumps(q, sort_keys=True), Candidate(bits={u: 8 for u in int8_units}, quant=q)))
-    sens_jobs: list[tuple[str, str, Any, Candidate]] = []
+    sens_jobs: list[tuple[str, str, Any]] = []
     rows: dict[tuple[str, str], dict[str, Any]] = {}
+    members: dict[tuple[str, str], list[str]] = {}  # one row per sampled parameter: a unit, or a share group
     for knob in ("bits", "prune", "rank"):
         spec = space.knobs.get(knob)
         if spec is None:
             continue
         for unit in units.of(knob):
-            mods = modules.get(unit, (unit,)) if knob == "prune" else (unit,)
-            row: dict[str, Any] = {"knob": knob, "unit": unit, "latency_share": share_of(mods),
+            members.setdefault((knob, spec.group_of(unit) or unit), []).append(unit)
+        for (k, key), mem in members.items():
+            if k != knob:
+                continue
+            mods = [m for u in mem for m in (modules.get(u, (u,)) if knob == "prune" else (u,))]
+            row: dict[str, Any] = {"knob": knob, "unit": key, "latency_share": share_of(mods),
                                    "params": sum(qunits[m].params for m in mods if m in qunits),
                                    "mflops": sum(qunits[m].flops for m in mods if m in qunits) / 1e6}
-            rows[(knob, unit)] = row
-            for val in spec.choices_for(unit):
+            if mem != [key]:
+                row["members"] = list(mem)
+            rows[(knob, key)] = row
+            for val in spec.choices_for(mem[0]):
                 if (knob == "bits" and val == 32) or (knob == "prune" and val == 0) or (knob == "rank" and val >= 1):
                     continue
-                sens_jobs.append((knob, unit, val, Candidate(**{knob: {unit: val}})))  # type: ignore[arg-type]
+                sens_jobs.append((knob, key, val))
     n = len(jobs) + len(sens_jobs)
     i = 0
     best_quant: dict[str, Any] | None = None
@@ -216,12 +223,13 @@ def analyze(
         floor = base_accuracy - (space.max_accuracy_drop if space.max_accuracy_drop is not None else 1.0)
         good = [u for u in ok if u["accuracy"] >= floor] or ok
         best_quant = max(good, key=lambda u: (u["speedup"], u["accuracy"]))["quant"]
-    for knob, unit, val, cand in sens_jobs:
+    for knob, unit, val in sens_jobs:
         _progress(i, n, f"{knob} {unit}={val}", t0, say)
+        setting = {m: val for m in members[(knob, unit)]}
         if knob == "bits":
-            cand = Candidate(bits={unit: val}, quant=best_quant or {"mode": "static"})
+            cand = Candidate(bits=setting, quant=best_quant or {"mode": "static"})
         else:
-            cand = Candidate(**{knob: {unit: val}}, recovery=space.recovery_with(distill="min"))  # type: ignore[arg-type]
+            cand = Candidate(**{knob: setting}, recovery=space.recovery_with(distill="min"))  # type: ignore[arg-type]
         try:
             score = score_subset(cand)
             rows[(knob, unit)][f"drop@{val}"] = max(0.0, base_accuracy - score)
@@ -234,7 +242,8 @@ def analyze(
     int8_speed = max((u["speedup"] for u in ok if u["quant"] == best_quant), default=1.0) if ok else 1.0
     for (knob, unit), row in rows.items():
         spec = space.knobs[knob]
-        for val in spec.choices_for(unit):
+        mem = members[(knob, unit)]
+        for val in spec.choices_for(mem[0]):
             key = f"drop@{val}"
             if key not in row:
                 continue
@@ -243,10 +252,11 @@ def analyze(
             elif knob == "prune":
                 saving = row["latency_share"] * float(val)
             else:
-                in_f, out_f, full = dims.get(unit, (1, 1, 1))
-                r = max(1, round(float(val) * full))
-                ratio = r * (in_f + out_f) / (in_f * out_f)
-                saving = row["latency_share"] * max(0.0, 1 - ratio)
+                saving = 0.0
+                for m in mem:
+                    in_f, out_f, full = dims.get(m, (1, 1, 1))
+                    r = max(1, round(float(val) * full))
+                    saving += share_of([m]) * max(0.0, 1 - r * (in_f + out_f) / (in_f * out_f))
             row[f"saving@{val}"] = saving
     out = Analysis(list(rows.values()), uniform, base_accuracy, base_latency_ms, time.perf_counter() - t0)
     out.best_quant = best_quant  # type: ignore[attr-defined]
@@ -270,6 +280,7 @@ def knapsack_candidates(
     candidates spread from cautious to aggressive.
     """
     items: list[tuple[float, float, float, str, str, Any]] = []
+    group_members = {(r["knob"], r["unit"]): list(r["members"]) for r in analysis.units if r.get("members")}
     for row in analysis.units:
         for key, drop in row.items():
             if not key.startswith("drop@") or drop is None:
@@ -279,7 +290,7 @@ def knapsack_candidates(
             if saving <= 0:
                 continue
             spec = space.knobs[row["knob"]]
-            value = next(c for c in spec.choices_for(row["unit"]) if str(c) == val)
+            value = next(c for c in spec.choices_for(row.get("members", [row["unit"]])[0]) if str(c) == val)
             cost = max(float(drop), resolution)
             items.append((saving / cost, saving, cost, row["knob"], row["unit"], value))
     items.sort(key=lambda t: (-t[0], -t[1]))
@@ -297,7 +308,8 @@ def knapsack_candidates(
             continue
         knobs: dict[str, dict[str, Any]] = {"bits": {}, "prune": {}, "rank": {}}
         for (knob, unit), (_, value) in chosen.items():
-            knobs[knob][unit] = value
+            for m in group_members.get((knob, unit), [unit]):
+                knobs[knob][m] = value
         quant = dict(best_quant or {}) if knobs["bits"] else {}
         cand = Candidate(knobs["bits"], knobs["prune"], knobs["rank"], quant,
                          space.recovery_with(distill="min") if (knobs["prune"] or knobs["rank"]) else {})

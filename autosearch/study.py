@@ -593,14 +593,17 @@ def _analysis_warm_start(
     out += knap
     best_int8: dict[str, int] = {}
     best_q: dict[str, Any] = {}
-    if feasible and units.bits:
-        best_u = max(feasible, key=lambda u: u["speedup"])
-        if best_u["speedup"] > 1.0:
-            best_int8, best_q = _uniform_bits(sp, units, 8), dict(best_u["quant"])
+    fast = sorted((u for u in feasible if u["speedup"] > 1.0), key=lambda u: -u["speedup"])
+    if fast and units.bits:
+        best_int8, best_q = _uniform_bits(sp, units, 8), dict(fast[0]["quant"])
     # compose two measured winners: each structural knapsack point with the best feasible uniform int8
     if best_int8:
         out += [Candidate(best_int8, c.prune, c.rank, best_q, c.recovery) for c in knap if c.structural]
     out += _uniform_structural(sp, units, best_int8, best_q)
+    # the runner-up setting too when it is about as fast: a pruned and distilled model can sit
+    # differently in int8 (u8s8 saturation on CPUs without VNNI, fixed by reduce_range)
+    if len(fast) > 1 and fast[1]["speedup"] >= 0.9 * fast[0]["speedup"]:
+        out += _uniform_structural(sp, units, best_int8, dict(fast[1]["quant"]))
     return out
 
 
@@ -631,7 +634,7 @@ def evaluator_subset_base(evaluator: Evaluator, tgt: Target, base_path: Path, n:
 
 def _qlabel(q: Mapping[str, Any]) -> str:
     if q.get("mode") == "dynamic":
-        return "dynamic" + (" per-ch" if q.get("per_channel") else "")
+        return "dynamic" + (" per-ch" if q.get("per_channel") else "") + (" rr" if q.get("reduce_range") else "")
     act = {"uint8": "u8s8", "int8": "s8s8"}.get(str(q.get("activation_type")), "?")
     return act + (" per-ch" if q.get("per_channel") else "") + (" rr" if q.get("reduce_range") else "")
 

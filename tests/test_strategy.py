@@ -14,7 +14,7 @@ SPACE = {
     "knobs": {
         "bits": {"choices": [32, 8]},
         "prune": {"choices": [0.0, 0.5], "include": ["layer2.*", "layer3.*"]},
-        "rank": {"choices": [1.0, 0.5], "include": ["layer3.*"]},
+        "rank": {"choices": [1.0, 0.5], "include": ["layer3.*"], "share": {"l3": ["layer3.*"]}},
     },
     "quantization": {"mode": ["static"], "activation_type": ["uint8"], "per_channel": [True, False], "calibration_samples": 64},
     "recovery": {"calibration_samples": 64},
@@ -43,7 +43,10 @@ def test_search_runs_analysis_and_starts_from_measured_candidates(small_problem,
     # uniform int8 variants were built, scored and timed for real
     assert len(analysis["uniform"]) == 2 and all("latency_ms" in u for u in analysis["uniform"])
     rows = {(r["knob"], r["unit"]): r for r in analysis["units"]}
-    assert ("prune", "layer2.0.conv1") in rows and ("rank", "layer3.0.conv1") in rows and ("bits", "stem.0") in rows
+    assert ("prune", "layer2.0.conv1") in rows and ("bits", "stem.0") in rows
+    # a share group is one sampled parameter: one row, scanned with all its members set at once
+    assert ("rank", "layer3.0.conv1") not in rows and "layer3.0.conv1" in rows[("rank", "l3")]["members"]
+    assert rows[("rank", "l3")]["drop@0.5"] is not None
     assert all(0 <= r["latency_share"] <= 1 for r in rows.values())
     assert all(r["drop@8"] is not None for (k, _), r in rows.items() if k == "bits")
     # warm start: float first, then the best uniform variant straight from the analysis cache
@@ -115,3 +118,10 @@ def test_measured_dead_ends_are_fixed_for_the_sampler() -> None:
     uniform[2]["speedup"] = 1.6
     assert "quant.activation_type" not in narrowed_options(space, uniform, floor=0.97)[0]
     assert narrowed_options(space, uniform, floor=0.999) == ({}, [])
+
+
+def test_knapsack_sets_every_member_of_a_share_group() -> None:
+    space = SearchSpace.from_dict({"knobs": {"rank": {"choices": [1.0, 0.5], "share": {"g": ["c*"]}}}})
+    rows = [{"knob": "rank", "unit": "g", "members": ["c0", "c1", "c2"], "latency_share": 0.6, "drop@0.5": 0.001, "saving@0.5": 0.2}]
+    cands = knapsack_candidates(Analysis(rows, [], 0.98, 1.0, 0.0), space, [0.01], None)
+    assert [dict(c.rank) for c in cands] == [{"c0": 0.5, "c1": 0.5, "c2": 0.5}]
