@@ -97,10 +97,18 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="units with parameters, FLOPs and measured latency share; or a study's analysis",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  autosearch analyze --model default\n  autosearch analyze --model net.onnx --threads 2\n"
+                       "  autosearch analyze --model default --sensitivity --study digits   # full scan, kept in the study\n"
                        "  autosearch analyze --study demo     # the sensitivity / latency table a search measured\n\n"
                        "Latency share comes from ONNX Runtime's node profiler on this machine. The sensitivity scan\n"
-                       "(score drop per unit and knob value) runs as the first step of a search and is kept in the study.\n")
+                       "(score drop per unit and knob value on a subset, uniform int8 variants timed for real) is the\n"
+                       "first step of a search; --sensitivity runs only that step into --study, and a later\n"
+                       "`autosearch search --study <same name>` with the same model and space starts from it.\n"
+                       "`autosearch dashboard <study>` plots it.\n")
     a.add_argument("--model", default="default", help="'default' or a path to an .onnx file")
+    a.add_argument("--sensitivity", action="store_true", help="run the sensitivity scan (needs --study to keep it)")
+    a.add_argument("--data", default=None, help="with --sensitivity: .npz with x [, y, calib], as for search")
+    a.add_argument("--metric", default=None, choices=["accuracy", "top1", "cosine"], help="with --sensitivity: as for search")
+    a.add_argument("--space", default=None, help="with --sensitivity: preset or YAML (default: cnn / quant, as for search)")
     a.add_argument("--threads", type=int, default=1, help="intra-op threads for the profile (default: %(default)s)")
     a.add_argument("--study", default=None, help="print the analysis stored in this study instead")
     a.add_argument("--csv", default=None, help="also write the table to this CSV file")
@@ -182,8 +190,19 @@ def _problem(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
     return path, FidelityEvaluator(x, metric=metric or "cosine", calibration=calib), example
 
 
+def _spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The problem of a search (stored in the study so `resume` can rebuild it)."""
+    if args.model == "default":
+        spec: dict[str, Any] = {"kind": "default", "space": args.space or "cnn"}
+    else:
+        spec = {"kind": "onnx", "path": str(Path(args.model).resolve()), "space": args.space or "quant",
+                "data": str(Path(args.data).resolve()) if args.data else None, "metric": args.metric}
+    spec.update(threads=args.threads, provider=getattr(args, "provider", "CPUExecutionProvider"))
+    return spec
+
+
 def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studies_dir: str, n_trials: int | None,
-                timeout: float | None) -> None:
+                timeout: float | None, show_front: bool = True) -> None:
     from autosearch.report import print_front
     from autosearch.study import search
     from autosearch.target import Target
@@ -193,7 +212,8 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
                     lock_path=str(Path(studies_dir) / ".profile.lock"))
     st = search(model, evaluator, example_inputs=example, space=spec.get("space"), target=target, study_name=study,
                 storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec)
-    print_front(st)
+    if show_front:
+        print_front(st)
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -202,13 +222,7 @@ def _cmd(args: argparse.Namespace) -> int:
         _run_search(spec, study=args.study, storage=None, studies_dir=args.studies_dir, n_trials=args.n_trials, timeout=None)
         return 0
     if args.command == "search":
-        if args.model == "default":
-            spec: dict[str, Any] = {"kind": "default", "space": args.space or "cnn"}
-        else:
-            spec = {"kind": "onnx", "path": str(Path(args.model).resolve()), "space": args.space or "quant",
-                    "data": str(Path(args.data).resolve()) if args.data else None, "metric": args.metric}
-        spec.update(threads=args.threads, provider=args.provider)
-        _run_search(spec, study=args.study, storage=args.storage, studies_dir=args.studies_dir,
+        _run_search(_spec(args), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
                     n_trials=args.n_trials, timeout=args.timeout)
         return 0
     if args.command == "resume":
@@ -243,16 +257,21 @@ def _cmd(args: argparse.Namespace) -> int:
         from autosearch.analysis import latency_by_unit, quant_units, units_frame
         from autosearch.model import import_model
 
+        if args.sensitivity:
+            if not args.study:
+                raise ConfigError("--sensitivity keeps its results in a study: add --study NAME "
+                                  "(then `autosearch search --study NAME` starts from them)")
+            _run_search(_spec(args), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
+                        n_trials=0, timeout=None, show_front=False)
         if args.study:
             from autosearch.study import Study
 
             st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
             blob = st.optuna_study.user_attrs.get("analysis")
-            if not blob:
-                raise ConfigError(f"study {args.study!r} has no analysis: it ran with strategy.analysis false")
-            import pandas as pd
-
-            df = pd.DataFrame(blob["units"])
+            df = st.analysis()
+            if df is None:
+                raise ConfigError(f"study {args.study!r} has no analysis: it ran with strategy.analysis false; "
+                                  "run `autosearch analyze --sensitivity --study <new name>` for one")
             print(f"analysis of study {args.study!r} ({blob['seconds']:.0f} s); uniform int8 variants:")
             for u in blob["uniform"]:
                 print("  ", u)

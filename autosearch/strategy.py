@@ -69,7 +69,12 @@ class Analysis:
 
 
 def narrowed_options(
-    space: SearchSpace, uniform: Sequence[Mapping[str, Any]], floor: float | None, *, slower: float = 0.75
+    space: SearchSpace,
+    uniform: Sequence[Mapping[str, Any]],
+    floor: float | None,
+    *,
+    slower: float = 0.75,
+    confirm: Callable[[Mapping[str, Any], Mapping[str, Any]], float | None] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Quantizer options the measurements settle, as fixed Optuna parameters, with the reasons.
 
@@ -77,6 +82,11 @@ def narrowed_options(
     value's fastest feasible variant runs below ``slower`` times its speed (e.g. dynamic
     quantization of convolutions, or int8 activations, on a CPU without VNNI). The sampler then
     spends no trials on them; the measured variants themselves stay in the study.
+
+    Args:
+        confirm: ``confirm(best_quant, other_quant)`` re-times the two variants side by side and
+            returns the other's speed relative to the best (``None``: keep the analysis' figure);
+            one noisy figure then fixes nothing.
     """
     ok = [u for u in uniform if "error" not in u and u.get("speedup")]
     feasible = [u for u in ok if floor is None or u["accuracy"] >= floor]
@@ -88,16 +98,23 @@ def narrowed_options(
     for opt, choices in space.quantization.items():
         if len(choices) < 2 or opt not in best["quant"]:
             continue
-        others = {}
+        others: dict[Any, Mapping[str, Any] | None] = {}
         for val in choices:
-            if val == best["quant"][opt]:
+            if val != best["quant"][opt]:
+                with_val = [u for u in feasible if u["quant"].get(opt) == val]
+                others[val] = max(with_val, key=lambda u: u["speedup"]) if with_val else None
+        if not others or any(u is not None and u["speedup"] >= slower * best["speedup"] for u in others.values()):
+            continue
+        ratios = {v: (None if u is None else u["speedup"] / best["speedup"]) for v, u in others.items()}
+        if confirm is not None:
+            for v, u in others.items():
+                again = None if u is None else confirm(best["quant"], u["quant"])
+                ratios[v] = ratios[v] if again is None else again
+            if any(r is not None and r >= slower for r in ratios.values()):
                 continue
-            with_val = [u["speedup"] for u in feasible if u["quant"].get(opt) == val]
-            others[val] = max(with_val, default=0.0)
-        if others and all(sp < slower * best["speedup"] for sp in others.values()):
-            fixed[f"quant.{opt}"] = best["quant"][opt]
-            alt = ", ".join(f"{v} {sp:.2f}x" if sp else f"{v} never feasible" for v, sp in others.items())
-            why.append(f"quant.{opt}={best['quant'][opt]} ({best['speedup']:.2f}x; {alt})")
+        fixed[f"quant.{opt}"] = best["quant"][opt]
+        alt = ", ".join(f"{v} never feasible" if r is None else f"{v} at {r:.2f}x its speed" for v, r in ratios.items())
+        why.append(f"quant.{opt}={best['quant'][opt]} ({alt})")
     return fixed, why
 
 

@@ -196,6 +196,15 @@ class Study:
         front = df[np.array(keep)].drop_duplicates(subset=objectives).sort_values("latency_ms")
         return front.reset_index(drop=True)
 
+    def analysis(self) -> Any:
+        """The analysis the search measured first, one row per sampled parameter (a unit or a share
+        group): knob, latency share, parameters, MFLOPs, ``drop@<value>`` and ``saving@<value>``.
+        ``None`` when the study ran without one (``strategy.analysis: false``)."""
+        import pandas as pd
+
+        blob = self.optuna_study.user_attrs.get("analysis")
+        return pd.DataFrame(blob["units"]) if blob else None
+
     def export(
         self,
         out_dir: str | Path,
@@ -320,6 +329,8 @@ def search(
                 _check_same(old, meta, study_name, url)
                 meta["sampler"] = old["sampler"]
         n_before = len(existing.trials) if existing is not None else 0
+        # trials queued by the warm start but not run yet (e.g. after `analyze --sensitivity`) are not done
+        n_done = sum(t.state != optuna.trial.TrialState.WAITING for t in existing.trials) if existing is not None else 0
         sampler_cfg = meta["sampler"]
         sampler = _make_sampler(sampler_cfg["name"], int(sampler_cfg["seed"]) + n_before, int(sampler_cfg["population_size"]))
         ost = optuna.create_study(study_name=study_name, storage=stor, directions=directions, sampler=sampler, load_if_exists=True)
@@ -349,7 +360,7 @@ def search(
     ost.set_user_attr("baseline", baseline)
     floor = _floor(sp, base_acc)
     say(
-        f"[autosearch] study {study_name!r} ({n_before} trials so far) at {url}\n"
+        f"[autosearch] study {study_name!r} ({n_done} trials so far) at {url}\n"
         f"[autosearch] float model: {evaluator.name} {base_acc:.4f}, latency {base_lat.median_ms:.3f} ms median "
         f"({tgt.threads} thread(s), {base_lat.provider}), {baseline['size_mb']:.2f} MB"
         + (f"; accuracy floor {floor:.4f}" if floor is not None else "")
@@ -386,7 +397,17 @@ def search(
         if sp.strategy.get("narrow", True) and cached:
             from autosearch.strategy import narrowed_options
 
-            fixed, why = narrowed_options(sp, cached.get("uniform", []), floor)
+            def confirm(best_q: Mapping[str, Any], other_q: Mapping[str, Any]) -> float | None:
+                from autosearch.target import interleaved
+
+                paths = [(lbl, study_dir / "candidates" / Candidate(bits=_uniform_bits(sp, units, 8), quant=dict(q)).key(source.fingerprint)
+                          / "model.onnx") for lbl, q in (("best", best_q), ("other", other_q))]
+                if not all(p.exists() for _, p in paths):
+                    return None  # nothing to re-time: keep the analysis' figure
+                st = interleaved(paths, source.example_feed, tgt, rounds=3)
+                return st["best"].median_ms / st["other"].median_ms
+
+            fixed, why = narrowed_options(sp, cached.get("uniform", []), floor, confirm=confirm)
             ost.set_user_attr("narrowed", {"fixed": fixed, "why": why})
     narrowed = ost.user_attrs.get("narrowed") or {}
     if narrowed.get("fixed"):
@@ -397,7 +418,7 @@ def search(
         say("[autosearch] the sampler keeps " + "; ".join(narrowed["why"]))
 
     budget = n_trials if n_trials is not None else sp.n_trials
-    total = n_before + budget
+    total = n_done + budget
     started = time.perf_counter()
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:

@@ -49,3 +49,17 @@ def test_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     out = _cli("--debug", "search", "--model", "nope.onnx", cwd=tmp_path)
     assert "Traceback" in out.stderr
+
+
+def test_analyze_sensitivity_is_kept_for_the_search(tmp_path: Path) -> None:
+    model = tiny_onnx(tmp_path / "mlp.onnx")
+    x = np.random.default_rng(1).standard_normal((120, 16)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x)  # no labels: fidelity to the original
+    out = _cli("analyze", "--model", "mlp.onnx", "--sensitivity", cwd=tmp_path)
+    assert out.returncode == 2 and "--study NAME" in out.stderr
+    out = _cli("analyze", "--model", "mlp.onnx", "--data", "val.npz", "--sensitivity", "--study", "sens", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "drop@8" in out.stdout and "fc1_matmul" in out.stdout and "latency_share" in out.stdout
+    out = _cli("search", "--model", "mlp.onnx", "--data", "val.npz", "--study", "sens", "--n-trials", "2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "(0 trials so far)" in out.stdout and "[analysis]" not in out.stdout  # the stored scan is reused
