@@ -292,7 +292,7 @@ def front_rows(study: Any, label: str = "AutoSearch") -> list[lib.Row]:
             continue
         rows.append(
             lib.Row(
-                f"{label} trial {int(r['trial']) + 1}", "autosearch", path=str(path), size_mb=_size_mb(path),
+                f"{label} trial {int(r['trial'])}", "autosearch", path=str(path), size_mb=_size_mb(path),
                 note=f"search-time {float(r['speedup']):.2f}x; {r.get('config') or 'float'}",
             )
         )

@@ -3,9 +3,9 @@
 
 For each model this builds, with AutoSearch's own build path (``autosearch.build.build_candidate``):
 the float model; uniform structured pruning of every prune unit (25% / 50%; BatchNorm
-recalibration on the CNN, with and without distillation on MiniLM); uniform low-rank of every
-rank unit (rank kept 0.5 / 0.25); uniform int8 (static QDQ u8s8 and dynamic, per-channel); and
-a few joint candidates. It scores each (CNN: test accuracy; MiniLM: mean cosine to the float
+recalibration on the CNN, with and without distillation); uniform low-rank of every
+rank unit (rank kept 0.5 / 0.25); uniform int8 (static QDQ u8s8 and dynamic, per-channel); int16
+and int4 (QDQ weights on the CNN; weight-only MatMulNBits on MiniLM); and a few joint candidates. It scores each (CNN: test accuracy; MiniLM: mean cosine to the float
 embeddings and top-1 nearest-neighbour agreement), then times every variant of a model
 *interleaved* (``autosearch.target.interleaved``) so the speedups come from one run.
 
@@ -64,6 +64,7 @@ class Budget:
     calibration: int  # calibration samples (quantizer, BatchNorm, distillation)
     distill_steps: int  # MiniLM distillation steps of the "+ distil" rows
     distill_lr: float
+    cnn_distill_steps: int  # CNN distillation steps of the "+ distil" row
     rounds: int  # interleaved latency rounds
     seconds: float  # latency budget per model and round
     min_runs: int
@@ -73,9 +74,9 @@ class Budget:
 def budget_for(quick: bool, distill_steps: int | None) -> Budget:
     if quick:
         return Budget(cnn_test=200, sentences=32, calibration=16, distill_steps=distill_steps if distill_steps is not None else 4,
-                      distill_lr=1e-4, rounds=2, seconds=0.3, min_runs=10, max_runs=100)
+                      distill_lr=1e-4, cnn_distill_steps=4, rounds=2, seconds=0.3, min_runs=10, max_runs=100)
     return Budget(cnn_test=None, sentences=200, calibration=128, distill_steps=distill_steps if distill_steps is not None else 50,
-                  distill_lr=1e-4, rounds=5, seconds=2.0, min_runs=50, max_runs=2000)
+                  distill_lr=1e-4, cnn_distill_steps=100, rounds=5, seconds=2.0, min_runs=50, max_runs=2000)
 
 
 # --------------------------------------------------------------------------- variants
@@ -117,6 +118,11 @@ def cnn_variants(units: Any, b: Budget) -> list[Variant]:
         Variant("prune 50% + int8 static", Candidate(bits=int8, prune=prune(0.5), quant=static, recovery=rec)),
         Variant("rank 0.5 + int8 static", Candidate(bits=int8, rank=rank(0.5), quant=static, recovery=rec)),
         Variant("prune 25% + rank 0.5 + int8 static", Candidate(bits=int8, prune=prune(0.25), rank=rank(0.5), quant=static, recovery=rec)),
+        Variant("int16 static (QDQ weights)", Candidate(bits={u: 16 for u in units.bits}, quant=static)),
+        Variant("int4 static (QDQ weights)", Candidate(bits={u: 4 for u in units.bits}, quant=static)),
+        Variant(f"prune 50% + distil {b.cnn_distill_steps} + int8 static rr",
+                Candidate(bits=int8, prune=prune(0.5), quant={**static, "reduce_range": True},
+                          recovery={**rec, "calibration_samples": 200, "distill_steps": b.cnn_distill_steps, "distill_lr": 3e-4})),
     ]
 
 
@@ -158,6 +164,9 @@ def minilm_variants(units: Any, b: Budget) -> list[Variant]:
         Variant("int8 dynamic per-ch, FFN-out float", Candidate(bits=int8_but_ffn_out, quant=dynamic)),
         Variant(f"prune ffn 25% + distil {n} + int8 dyn rr", Candidate(bits=int8, prune=prune(0.25, ("ffn",)), quant=dyn_rr, recovery=rec(n))),
         Variant(f"rank 0.5 + distil {n} + int8 dyn rr", Candidate(bits=int8, rank=rank(0.5), quant=dyn_rr, recovery=rec(n))),
+        Variant("int4 weight-only all (MatMulNBits)", Candidate(bits={u: 4 for u in units.bits}, quant=dynamic)),
+        Variant("int4 FFN-in, int8 dynamic rest", Candidate(bits={u: (4 if u.endswith(".intermediate.dense") else 8) for u in units.bits}, quant=dynamic)),
+        Variant("int16 static weighted (QDQ weights)", Candidate(bits={u: 16 for u in units.bits}, quant=weighted)),
     ]
 
 
@@ -223,7 +232,7 @@ def run_cnn(b: Budget, threads: Sequence[int], work: Path) -> list[str]:
     units = _units(source)
     say(f"CNN: {len(units.bits)} bits units, {len(units.prune)} prune units, {len(units.rank)} rank units; {ev.num_samples} test images")
     variants = cnn_variants(units, b)
-    build_all(source, variants, units, ev.calibration_feeds(b.calibration, source.input_names), work / "cnn")
+    build_all(source, variants, units, ev.calibration_feeds(max(b.calibration, 200), source.input_names), work / "cnn")
     scorer = Target(threads=max(threads))
     for v in variants:
         if v.path is not None and v.error is None:
