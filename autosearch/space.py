@@ -240,6 +240,11 @@ class SearchSpace:
             source=source,
         )
 
+    def uniform_bits(self, units: Sequence[str], bits: int) -> dict[str, int]:
+        """Every one of ``units`` that may take ``bits`` (per its choices), at ``bits``."""
+        spec = self.knobs.get("bits")
+        return {u: bits for u in units if spec is not None and bits in spec.choices_for(u)}
+
     def quant_first(self, *, mode: str | None = None, int4: bool = False) -> dict[str, Any]:
         """Quantization options at their first choice, keyed as the sampler would produce them."""
         q = {k: v[0] for k, v in self.quantization.items() if int4 or k not in INT4_OPTIONS}

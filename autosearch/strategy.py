@@ -196,10 +196,10 @@ def analyze(
     # uniform variants, measured for real (become warm-start trials)
     uniform: list[dict[str, Any]] = []
     jobs: list[tuple[str, Candidate]] = []
-    int8_units = [u for u in units.bits if "bits" in space.knobs and 8 in space.knobs["bits"].choices_for(u)]
-    if int8_units:
+    int8 = space.uniform_bits(units.bits, 8)
+    if int8:
         for q in _uniform_variants(space):
-            jobs.append(("uniform int8 " + json.dumps(q, sort_keys=True), Candidate(bits={u: 8 for u in int8_units}, quant=q)))
+            jobs.append(("uniform int8 " + json.dumps(q, sort_keys=True), Candidate(bits=int8, quant=q)))
     sens_jobs: list[tuple[str, str, Any]] = []
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     members: dict[tuple[str, str], list[str]] = {}  # one row per sampled parameter: a unit, or a share group

@@ -400,7 +400,7 @@ def search(
             def confirm(best_q: Mapping[str, Any], other_q: Mapping[str, Any]) -> float | None:
                 from autosearch.target import interleaved
 
-                paths = [(lbl, study_dir / "candidates" / Candidate(bits=_uniform_bits(sp, units, 8), quant=dict(q)).key(source.fingerprint)
+                paths = [(lbl, study_dir / "candidates" / Candidate(bits=sp.uniform_bits(units.bits, 8), quant=dict(q)).key(source.fingerprint)
                           / "model.onnx") for lbl, q in (("best", best_q), ("other", other_q))]
                 if not all(p.exists() for _, p in paths):
                     return None  # nothing to re-time: keep the analysis' figure
@@ -541,16 +541,10 @@ def _warm_start(sp: SearchSpace, units: SpaceUnits) -> list[Candidate]:
     """Float and uniform low-precision candidates, tried before the sampler takes over."""
     spec = sp.knobs.get("bits")
     out = [Candidate()] if spec is None or 32 in spec.all_choices else []
-    int8 = _uniform_bits(sp, units, 8)
+    int8 = sp.uniform_bits(units.bits, 8)
     if int8:
         out.append(Candidate(bits=int8, quant=sp.quant_first()))
     return out
-
-
-def _uniform_bits(sp: SearchSpace, units: SpaceUnits, bits: int) -> dict[str, int]:
-    """Every bits unit that may take ``bits``, at ``bits``."""
-    spec = sp.knobs.get("bits")
-    return {u: bits for u in units.bits if spec is not None and bits in spec.choices_for(u)}
 
 
 def _analysis_warm_start(
@@ -606,7 +600,7 @@ def _analysis_warm_start(
     floor = _floor(sp, base_acc)
     feasible = [u for u in ok if floor is None or u["accuracy"] >= floor]
     for u in sorted(feasible, key=lambda u: -u["speedup"])[:2]:
-        out.append(Candidate(bits=_uniform_bits(sp, units, 8), quant=u["quant"]))
+        out.append(Candidate(bits=sp.uniform_bits(units.bits, 8), quant=u["quant"]))
     scale = sp.max_accuracy_drop if sp.max_accuracy_drop is not None else 0.01
     budgets = [b * scale for b in sp.strategy.get("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])]
     knap = knapsack_candidates(analysis, sp, budgets, best_quant,
@@ -616,7 +610,7 @@ def _analysis_warm_start(
     best_q: dict[str, Any] = {}
     fast = sorted((u for u in feasible if u["speedup"] > 1.0), key=lambda u: -u["speedup"])
     if fast and units.bits:
-        best_int8, best_q = _uniform_bits(sp, units, 8), dict(fast[0]["quant"])
+        best_int8, best_q = sp.uniform_bits(units.bits, 8), dict(fast[0]["quant"])
     # compose two measured winners: each structural knapsack point with the best feasible uniform int8
     if best_int8:
         out += [Candidate(best_int8, c.prune, c.rank, best_q, c.recovery) for c in knap if c.structural]
