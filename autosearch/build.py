@@ -346,6 +346,11 @@ def _onnx_unit(node_name: str, units: Sequence[str]) -> str | None:
     return best
 
 
+def _reconstruct_flag(value: Any) -> bool | None:
+    """``recovery.reconstruct`` for :func:`apply_structural`: ``"auto"`` -> None (only without distillation)."""
+    return None if value == "auto" else bool(value)
+
+
 def _structural(source: SourceModel, cand: Candidate, calibration: Sequence[dict[str, np.ndarray]], out_dir: Path) -> onnx.ModelProto:
     prune = {u: p for u, p in cand.prune.items() if p > 0}
     rank = {u: r for u, r in cand.rank.items() if r < 1}
@@ -369,6 +374,7 @@ def _structural(source: SourceModel, cand: Candidate, calibration: Sequence[dict
                 rank=rank,
                 calibration=cal_batches,
                 recalibrate_bn=bool(rec.get("bn_recalibration", True)),
+                reconstruct=_reconstruct_flag(rec.get("reconstruct", "auto")),
                 distill_steps=int(rec.get("distill_steps", 0)),
                 distill_lr=float(rec.get("distill_lr", 3e-4)),
             )

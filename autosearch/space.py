@@ -169,11 +169,23 @@ class SearchSpace:
                 f"{', '.join([*QUANT_OPTIONS, 'calibration_samples'])}"
             )
         recovery = dict(data.get("recovery") or {})
-        rec_allowed = {"bn_recalibration": bool, "calibration_samples": int, "distill_steps": (int, list), "distill_lr": float}
+        rec_allowed = {
+            "bn_recalibration": bool,
+            "reconstruct": (bool, str),
+            "calibration_samples": int,
+            "distill_steps": (int, list),
+            "distill_lr": float,
+        }
         for key, val in recovery.items():
             if key not in rec_allowed:
                 raise ConfigError(f"unknown key 'recovery.{key}'{_where(source)}; allowed: {', '.join(rec_allowed)}")
         recovery.setdefault("bn_recalibration", True)
+        recovery.setdefault("reconstruct", "auto")
+        if recovery["reconstruct"] not in ("auto", True, False):
+            raise ConfigError(
+                f"'recovery.reconstruct'{_where(source)} is {recovery['reconstruct']!r}; use auto (only without "
+                "distillation), true or false"
+            )
         recovery.setdefault("calibration_samples", 200)
         recovery.setdefault("distill_steps", 0)
         recovery.setdefault("distill_lr", 3e-4)

@@ -33,7 +33,7 @@ from autosearch.errors import CandidateError
 from autosearch.model import SourceModel
 from autosearch.space import SearchSpace
 
-__all__ = ["Analysis", "analyze", "knapsack_candidates", "narrowed_options"]
+__all__ = ["Analysis", "analyze", "hopeless_structural", "knapsack_candidates", "narrowed_options"]
 
 Measure = Callable[[Candidate], dict[str, Any]]
 
@@ -115,6 +115,50 @@ def narrowed_options(
         fixed[f"quant.{opt}"] = best["quant"][opt]
         alt = ", ".join(f"{v} never feasible" if r is None else f"{v} at {r:.2f}x its speed" for v, r in ratios.items())
         why.append(f"quant.{opt}={best['quant'][opt]} ({alt})")
+    return fixed, why
+
+
+_NEUTRAL = {"prune": 0.0, "rank": 1.0}
+
+
+def _mildest(space: SearchSpace, knob: str, unit: str) -> Any:
+    """The non-neutral structural value that changes ``unit`` least (smallest prune ratio, largest rank)."""
+    if knob not in _NEUTRAL:
+        return None
+    vals = [v for v in space.knobs[knob].choices_for(unit) if v != _NEUTRAL[knob]]
+    if not vals:
+        return None
+    return min(vals) if knob == "prune" else max(vals)
+
+
+def hopeless_structural(units: Sequence[Mapping[str, Any]], space: SearchSpace) -> tuple[dict[str, Any], list[str]]:
+    """Structural parameters to keep at their neutral value, with the reasons.
+
+    A prune or rank parameter whose mildest value alone, with the most recovery the space
+    allows, already drops the score by more than ``max_accuracy_drop`` (on the analysis subset)
+    cannot be part of a feasible candidate: other changes only lower the score further. The
+    sampler then spends no trials on it (on MiniLM with a cosine floor of 0.99 that was most
+    of a 40-trial budget). ``units`` are the analysis rows.
+    """
+    max_drop = space.max_accuracy_drop
+    if max_drop is None:
+        return {}, []
+    distills = space.recovery_with(distill="max").get("distill_steps", 0) > space.recovery_with(distill="min").get("distill_steps", 0)
+    fixed: dict[str, Any] = {}
+    why: list[str] = []
+    for row in units:
+        knob = row["knob"]
+        if knob not in _NEUTRAL:
+            continue
+        first = (row.get("members") or [row["unit"]])[0]
+        mild = _mildest(space, knob, first)
+        if mild is None or _NEUTRAL[knob] not in space.knobs[knob].choices_for(first):
+            continue
+        drop = row.get(f"drop_distilled@{mild}") if distills else row.get(f"drop@{mild}")
+        if drop is None or drop <= max_drop:
+            continue
+        fixed[f"{row['unit']}.{knob}"] = _NEUTRAL[knob]
+        why.append(f"{row['unit']}.{knob}={_NEUTRAL[knob]} ({knob} {mild} alone{' and distilled' if distills else ''} drops {drop:.4f})")
     return fixed, why
 
 
@@ -252,6 +296,26 @@ def analyze(
             rows[(knob, unit)][f"drop@{val}"] = max(0.0, base_accuracy - score)
         except CandidateError:
             rows[(knob, unit)][f"drop@{val}"] = None
+        i += 1
+    # a structural value that alone breaks the floor without distillation gets a second chance
+    # with the most distillation the space allows (the sampler may drop it only if that fails too)
+    max_drop = space.max_accuracy_drop
+    rec_min, rec_max = space.recovery_with(distill="min"), space.recovery_with(distill="max")
+    retry = []
+    if max_drop is not None and rec_max.get("distill_steps", 0) > rec_min.get("distill_steps", 0):
+        for (knob, unit), row in rows.items():
+            mild = _mildest(space, knob, members[(knob, unit)][0])
+            drop = row.get(f"drop@{mild}") if mild is not None else None
+            if knob != "bits" and drop is not None and drop > max_drop:
+                retry.append((knob, unit, mild))
+    n += len(retry)
+    for knob, unit, val in retry:
+        _progress(i, n, f"{knob} {unit}={val} distilled", t0, say)
+        cand = Candidate(**{knob: {m: val for m in members[(knob, unit)]}}, recovery=rec_max)  # type: ignore[arg-type]
+        try:
+            rows[(knob, unit)][f"drop_distilled@{val}"] = max(0.0, base_accuracy - score_subset(cand))
+        except CandidateError:
+            rows[(knob, unit)][f"drop_distilled@{val}"] = None
         i += 1
     _progress(n, n, "done", t0, say)
     say("\n")

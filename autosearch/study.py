@@ -389,13 +389,20 @@ def search(
             warm += _analysis_warm_start(
                 ost, sp, units, source, evaluator, calibration, tgt, base_path, base_acc, base_lat.median_ms, measure_cached, say
             )
+        cached = ost.user_attrs.get("analysis")
+        hopeless: dict[str, Any] = {}
+        reasons: list[str] = []
+        if sp.strategy.get("narrow", True) and cached:
+            from autosearch.strategy import hopeless_structural, narrowed_options
+
+            hopeless, reasons = hopeless_structural(cached.get("units", []), sp)
         for cand in warm:
             params = candidate_params(cand, sp, units)
+            if any(k in params and params[k] != v for k, v in hopeless.items()):
+                continue  # a structural value the analysis showed cannot meet the floor
             if params:
                 ost.enqueue_trial(params, skip_if_exists=True)
-        cached = ost.user_attrs.get("analysis")
         if sp.strategy.get("narrow", True) and cached:
-            from autosearch.strategy import narrowed_options
 
             def confirm(best_q: Mapping[str, Any], other_q: Mapping[str, Any]) -> float | None:
                 from autosearch.target import interleaved
@@ -408,6 +415,7 @@ def search(
                 return st["best"].median_ms / st["other"].median_ms
 
             fixed, why = narrowed_options(sp, cached.get("uniform", []), floor, confirm=confirm)
+            fixed, why = {**fixed, **hopeless}, [*why, *reasons]
             ost.set_user_attr("narrowed", {"fixed": fixed, "why": why})
     narrowed = ost.user_attrs.get("narrowed") or {}
     if narrowed.get("fixed"):

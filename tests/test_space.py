@@ -40,6 +40,7 @@ def test_fingerprint_ignores_budget_but_not_choices() -> None:
         ({"budget": {"n_trials": 0}}, r"'budget.n_trials' must be a positive integer"),
         ({"sampler": {"name": "cmaes"}}, r"'sampler.name' is 'cmaes'; allowed: nsga2, tpe, random"),
         ({"recovery": {"bn": True}}, r"unknown key 'recovery.bn'"),
+        ({"recovery": {"reconstruct": "always"}}, r"'recovery.reconstruct' is 'always'; use auto"),
         ({"knobs": {"prune": {"choices": [0.0], "by_unit": {"*.attn": [0.0, 1.0]}}}}, r"'knobs.prune.by_unit.\*.attn' has 1.0"),
         ({"knobs": {"prune": {"choices": [0.0], "by_unit": [0.5]}}}, r"'knobs.prune.by_unit' must map a unit-name pattern"),
         ({"quantization": {"int4_block_size": [48]}}, r"'quantization.int4_block_size' has value 48; allowed: 32, 64, 128, 256"),

@@ -55,9 +55,17 @@ def test_search_runs_analysis_and_starts_from_measured_candidates(small_problem,
     assert t[1].user_attrs.get("cached") is True and set(t[1].user_attrs["candidate"]["bits"].values()) == {8}
     # options the uniform variants settled are fixed for every sampled (not enqueued) trial
     narrowed = st.user_attrs["narrowed"]
-    assert set(narrowed["fixed"]) <= {"quant.per_channel"} and len(narrowed["why"]) == len(narrowed["fixed"])
+    assert len(narrowed["why"]) == len(narrowed["fixed"])
+    hopeless = {k: v for k, v in narrowed["fixed"].items() if not k.startswith("quant.")}
+    assert set(narrowed["fixed"]) - set(hopeless) <= {"quant.per_channel"}
     for name, val in narrowed["fixed"].items():
         assert all(tr.params.get(name, val) == val for tr in t if "fixed_params" not in tr.system_attrs)
+    # a structural parameter is kept neutral only where its mildest value alone broke the floor;
+    # the warm start then queues nothing that uses it either
+    for name, val in hopeless.items():
+        unit, knob = name.rsplit(".", 1)
+        assert val == {"prune": 0.0, "rank": 1.0}[knob] and rows[(knob, unit)]["drop@0.5"] > 0.02
+        assert all(tr.params.get(name, val) == val for tr in t)
     # the front was re-timed interleaved with the float model and the figures are in the table
     assert st.user_attrs["front_remeasured"]["trials"]
     assert study.front()["remeasured_speedup"].notna().all()
@@ -128,3 +136,31 @@ def test_knapsack_sets_every_member_of_a_share_group() -> None:
     rows = [{"knob": "rank", "unit": "g", "members": ["c0", "c1", "c2"], "latency_share": 0.6, "drop@0.5": 0.001, "saving@0.5": 0.2}]
     cands = knapsack_candidates(Analysis(rows, [], 0.98, 1.0, 0.0), space, [0.01], None)
     assert [dict(c.rank) for c in cands] == [{"c0": 0.5, "c1": 0.5, "c2": 0.5}]
+
+
+def test_structural_values_that_alone_break_the_floor_are_fixed_neutral() -> None:
+    from autosearch.strategy import hopeless_structural
+
+    space = SearchSpace.from_dict({
+        "knobs": {"prune": {"choices": [0.0, 0.25, 0.5], "share": {"ffn": ["*.ffn"]}}, "rank": [1.0, 0.5, 0.25]},
+        "recovery": {"distill_steps": [0, 50]},
+        "constraints": {"max_accuracy_drop": 0.01},
+    })
+    rows = [
+        # mildest value (0.25) breaks the floor even after distillation: hopeless
+        {"knob": "prune", "unit": "ffn", "members": ["a.ffn", "b.ffn"], "drop@0.25": 0.09, "drop_distilled@0.25": 0.03},
+        # breaks it alone without distillation, distillation brings it back: kept
+        {"knob": "rank", "unit": "fc1", "drop@0.5": 0.05, "drop@0.25": 0.2, "drop_distilled@0.5": 0.004},
+        # its build failed: no evidence, kept
+        {"knob": "rank", "unit": "fc2", "drop@0.5": 0.05, "drop_distilled@0.5": None},
+        {"knob": "bits", "unit": "fc1", "drop@8": 0.5},  # bits are never fixed here
+    ]
+    fixed, why = hopeless_structural(rows, space)
+    assert fixed == {"ffn.prune": 0.0}
+    assert why == ["ffn.prune=0.0 (prune 0.25 alone and distilled drops 0.0300)"]
+    # without distillation choices the plain drop decides (rank's mildest value is 0.5, not 0.25)
+    plain = SearchSpace.from_dict({"knobs": {"rank": [1.0, 0.5, 0.25]}, "constraints": {"max_accuracy_drop": 0.01}})
+    assert hopeless_structural(rows[1:3], plain)[0] == {"fc1.rank": 1.0, "fc2.rank": 1.0}
+    # no accuracy budget: nothing is hopeless
+    free = SearchSpace.from_dict({"knobs": {"rank": [1.0, 0.5]}, "constraints": {"max_accuracy_drop": None}})
+    assert hopeless_structural(rows[1:3], free) == ({}, [])
