@@ -33,7 +33,7 @@ from autosearch.errors import CandidateError
 from autosearch.model import SourceModel
 from autosearch.space import SearchSpace
 
-__all__ = ["Analysis", "analyze", "hopeless_structural", "knapsack_candidates", "narrowed_options"]
+__all__ = ["Analysis", "analyze", "hopeless_structural", "knapsack_candidates", "narrowed_options", "ranked_uniform"]
 
 Measure = Callable[[Candidate], dict[str, Any]]
 
@@ -68,6 +68,17 @@ class Analysis:
         return pd.DataFrame(self.units)
 
 
+def ranked_uniform(uniform: Sequence[Mapping[str, Any]], floor: float | None) -> list[Mapping[str, Any]]:
+    """The uniform int8 variants that built, ran and meet ``floor``, fastest first (ties: more accurate first).
+
+    The one ranking every consumer of the uniform variants uses (the analysis' int8 setting for
+    the sensitivity scan, the warm start, the narrowing of quantizer options).
+    """
+    ok = [u for u in uniform if "error" not in u and u.get("speedup")]
+    feasible = [u for u in ok if floor is None or u["accuracy"] >= floor]
+    return sorted(feasible, key=lambda u: (-u["speedup"], -u["accuracy"]))
+
+
 def narrowed_options(
     space: SearchSpace,
     uniform: Sequence[Mapping[str, Any]],
@@ -88,11 +99,10 @@ def narrowed_options(
             returns the other's speed relative to the best (``None``: keep the analysis' figure);
             one noisy figure then fixes nothing.
     """
-    ok = [u for u in uniform if "error" not in u and u.get("speedup")]
-    feasible = [u for u in ok if floor is None or u["accuracy"] >= floor]
+    feasible = ranked_uniform(uniform, floor)
     if not feasible:
         return {}, []
-    best = max(feasible, key=lambda u: (u["speedup"], u["accuracy"]))
+    best = feasible[0]
     fixed: dict[str, Any] = {}
     why: list[str] = []
     for opt, choices in space.quantization.items():
@@ -279,11 +289,10 @@ def analyze(
         except CandidateError as exc:
             uniform.append({"quant": dict(cand.quant), "error": str(exc)[:200]})
         i += 1
-    ok = [u for u in uniform if "error" not in u and u.get("speedup")]
+    ok = ranked_uniform(uniform, None)
     if ok:
         floor = base_accuracy - (space.max_accuracy_drop if space.max_accuracy_drop is not None else 1.0)
-        good = [u for u in ok if u["accuracy"] >= floor] or ok
-        best_quant = max(good, key=lambda u: (u["speedup"], u["accuracy"]))["quant"]
+        best_quant = dict((ranked_uniform(uniform, floor) or ok)[0]["quant"])
     for knob, unit, val in sens_jobs:
         _progress(i, n, f"{knob} {unit}={val}", t0, say)
         setting = {m: val for m in members[(knob, unit)]}

@@ -573,7 +573,7 @@ def _analysis_warm_start(
     import shutil
     import tempfile
 
-    from autosearch.strategy import Analysis, analyze, knapsack_candidates
+    from autosearch.strategy import Analysis, analyze, knapsack_candidates, ranked_uniform
 
     n_sub = int(sp.strategy.get("sensitivity_samples", 150))
 
@@ -604,11 +604,9 @@ def _analysis_warm_start(
         say(f"[autosearch] analysis took {analysis.seconds:.0f} s; uniform int8 variants (speedup, {evaluator.name}): "
             + "; ".join(f"{_qlabel(u['quant'])} {u['speedup']:.2f}x {u['accuracy']:.4f}" for u in ok))
     out: list[Candidate] = []
-    ok = [u for u in analysis.uniform if "error" not in u and u.get("speedup")]
-    floor = _floor(sp, base_acc)
-    feasible = [u for u in ok if floor is None or u["accuracy"] >= floor]
-    for u in sorted(feasible, key=lambda u: -u["speedup"])[:2]:
-        out.append(Candidate(bits=sp.uniform_bits(units.bits, 8), quant=u["quant"]))
+    feasible = ranked_uniform(analysis.uniform, _floor(sp, base_acc))
+    for u in feasible[:2]:
+        out.append(Candidate(bits=sp.uniform_bits(units.bits, 8), quant=dict(u["quant"])))
     scale = sp.max_accuracy_drop if sp.max_accuracy_drop is not None else 0.01
     budgets = [b * scale for b in sp.strategy.get("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])]
     knap = knapsack_candidates(analysis, sp, budgets, best_quant,
@@ -616,7 +614,7 @@ def _analysis_warm_start(
     out += knap
     best_int8: dict[str, int] = {}
     best_q: dict[str, Any] = {}
-    fast = sorted((u for u in feasible if u["speedup"] > 1.0), key=lambda u: -u["speedup"])
+    fast = [u for u in feasible if u["speedup"] > 1.0]
     if fast and units.bits:
         best_int8, best_q = sp.uniform_bits(units.bits, 8), dict(fast[0]["quant"])
     # compose two measured winners: each structural knapsack point with the best feasible uniform int8

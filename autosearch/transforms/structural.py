@@ -678,16 +678,16 @@ def _refit_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]
         if leaf != "1" or not parent:
             continue
         t = t_mods.get(parent)
-        if isinstance(mod, nn.Linear) and isinstance(t, nn.Linear) and t.out_features == mod.out_features:
-            pairs.append((path, parent))
-        elif (
+        linear = isinstance(mod, nn.Linear) and isinstance(t, nn.Linear) and t.out_features == mod.out_features
+        pointwise = (
             isinstance(mod, nn.Conv2d)
             and isinstance(t, nn.Conv2d)
             and mod.kernel_size == (1, 1)
             and mod.stride == (1, 1)
             and mod.groups == 1
             and t.out_channels == mod.out_channels
-        ):
+        )
+        if linear or pointwise:
             pairs.append((path, parent))
     return pairs
 
