@@ -431,12 +431,16 @@ def _mse(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
         return float(F.mse_loss(a(x), b(x)))
 
 
-def test_reconstruction_refits_layers_fed_by_pruned_neurons() -> None:
-    mlp = _mlp()
-    gen = torch.Generator().manual_seed(3)
+def _mlp_data(seed: int) -> tuple[nn.Sequential, list[tuple[torch.Tensor, ...]], torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The MLP, 8 calibration batches, 256 held-out rows and a 2-row example."""
+    gen = torch.Generator().manual_seed(seed)
     calib = [(torch.randn(64, 20, generator=gen),) for _ in range(8)]
     held = torch.randn(256, 20, generator=gen)
-    x = (held[:2],)
+    return _mlp(), calib, held, (held[:2],)
+
+
+def test_reconstruction_refits_layers_fed_by_pruned_neurons() -> None:
+    mlp, calib, held, x = _mlp_data(3)
     plain = apply_structural(mlp, x, prune={"0": 0.5}, calibration=calib, reconstruct=False)
     refit = apply_structural(mlp, x, prune={"0": 0.5}, calibration=calib, reconstruct=True)
     # the pruned layer itself is sliced, not refitted; its consumer (inputs pruned) is refitted
@@ -456,11 +460,7 @@ def test_reconstruction_refits_layers_fed_by_pruned_neurons() -> None:
 
 
 def test_reconstruction_refits_the_second_lowrank_factor() -> None:
-    mlp = _mlp()
-    gen = torch.Generator().manual_seed(4)
-    calib = [(torch.randn(64, 20, generator=gen),) for _ in range(8)]
-    held = torch.randn(256, 20, generator=gen)
-    x = (held[:2],)
+    mlp, calib, held, x = _mlp_data(4)
     plain = apply_structural(mlp, x, rank={"2": 0.25}, calibration=calib, reconstruct=False)
     refit = apply_structural(mlp, x, rank={"2": 0.25}, calibration=calib, reconstruct=True)
     assert torch.equal(plain[2][0].weight, refit[2][0].weight)
