@@ -97,7 +97,8 @@ def cnn_variants(units: Any, b: Budget) -> list[Variant]:
     int8 = {u: 8 for u in units.bits}
     static = {"mode": "static", "activation_type": "uint8", "per_channel": True, "reduce_range": False, "preprocess": False, "calibrate_method": "minmax"}
     dynamic = {"mode": "dynamic", "per_channel": True, "reduce_range": False, "preprocess": False}
-    rec = {"bn_recalibration": True, "calibration_samples": b.calibration, "distill_steps": 0}
+    rec = {"bn_recalibration": True, "reconstruct": False, "calibration_samples": b.calibration, "distill_steps": 0}
+    refit = {**rec, "reconstruct": True}  # least-squares refit of the layers fed by pruned / factorized ones
     rank_units = [u for u in units.rank if u != "fc"]
 
     def prune(r: float) -> dict[str, float]:
@@ -110,8 +111,10 @@ def cnn_variants(units: Any, b: Budget) -> list[Variant]:
         Variant("float", Candidate()),
         Variant("prune 25% + BN recal", Candidate(prune=prune(0.25), recovery=rec)),
         Variant("prune 50% + BN recal", Candidate(prune=prune(0.5), recovery=rec)),
+        Variant("prune 50% + BN recal + LS refit", Candidate(prune=prune(0.5), recovery=refit)),
         Variant("rank 0.5", Candidate(rank=rank(0.5), recovery=rec)),
         Variant("rank 0.25", Candidate(rank=rank(0.25), recovery=rec)),
+        Variant("rank 0.25 + LS refit", Candidate(rank=rank(0.25), recovery=refit)),
         Variant("int8 static u8s8 per-ch", Candidate(bits=int8, quant=static)),
         Variant("int8 dynamic per-ch", Candidate(bits=int8, quant=dynamic)),
         Variant("prune 25% + int8 static", Candidate(bits=int8, prune=prune(0.25), quant=static, recovery=rec)),
@@ -136,8 +139,9 @@ def minilm_variants(units: Any, b: Budget) -> list[Variant]:
     dynamic = {"mode": "dynamic", "per_channel": True, "reduce_range": False, "preprocess": False}
     n = b.distill_steps
 
-    def rec(steps: int) -> dict[str, Any]:
-        return {"bn_recalibration": True, "calibration_samples": b.calibration, "distill_steps": steps, "distill_lr": b.distill_lr}
+    def rec(steps: int, refit: bool = False) -> dict[str, Any]:
+        return {"bn_recalibration": True, "reconstruct": refit, "calibration_samples": b.calibration,
+                "distill_steps": steps, "distill_lr": b.distill_lr}
 
     def prune(r: float, which: Sequence[str] = ("ffn", "attn")) -> dict[str, float]:
         return {u: r for u in units.prune if u.rpartition(".")[2] in which}
@@ -150,10 +154,12 @@ def minilm_variants(units: Any, b: Budget) -> list[Variant]:
     return [
         Variant("float", Candidate()),
         Variant("prune 25% (ffn+heads)", Candidate(prune=prune(0.25), recovery=rec(0))),
+        Variant("prune 25% + LS refit", Candidate(prune=prune(0.25), recovery=rec(0, refit=True))),
         Variant(f"prune 25% + distil {n}", Candidate(prune=prune(0.25), recovery=rec(n))),
         Variant("prune 50% (ffn+heads)", Candidate(prune=prune(0.5), recovery=rec(0))),
         Variant(f"prune 50% + distil {n}", Candidate(prune=prune(0.5), recovery=rec(n))),
         Variant("rank 0.5 (all Linear)", Candidate(rank=rank(0.5), recovery=rec(0))),
+        Variant("rank 0.5 + LS refit", Candidate(rank=rank(0.5), recovery=rec(0, refit=True))),
         Variant("rank 0.25 (all Linear)", Candidate(rank=rank(0.25), recovery=rec(0))),
         Variant(f"rank 0.5 + distil {n}", Candidate(rank=rank(0.5), recovery=rec(n))),
         Variant("int8 static u8s8 per-ch (all ops)", Candidate(bits=int8, quant=static)),
