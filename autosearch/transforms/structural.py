@@ -994,7 +994,7 @@ def apply_structural(
     if reconstruct is None:
         reconstruct = distill_steps == 0
     if changed and reconstruct and batches:
-        _reconstruct(work, model.eval() if not model.training else copy.deepcopy(model).eval(), batches)
+        _reconstruct(work, copy.deepcopy(model).eval() if model.training else model, batches)
     if distill_steps > 0:
         teacher = copy.deepcopy(model).eval()
         with torch.no_grad():
