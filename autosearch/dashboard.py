@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from autosearch.candidate import NEUTRAL
 from autosearch.errors import ConfigError
 
 __all__ = ["CATEGORIES", "DashboardData", "KnobMatrix", "dashboard_data", "figures", "hypervolume_2d", "write_dashboard"]
 
 CATEGORIES = ("front", "feasible", "infeasible", "failed")
-_NEUTRAL = {"bits": 32, "prune": 0.0, "rank": 1.0}
 _SIGNS = {"accuracy": -1.0, "latency_ms": 1.0, "size_mb": 1.0}  # to minimisation
 _COLOURS = {"front": "#d62728", "feasible": "#1f77b4", "infeasible": "#9e9e9e"}
 _SYMBOLS = {"front": "diamond", "feasible": "circle", "infeasible": "x"}
@@ -143,7 +143,7 @@ def _unit_lines(cand: Mapping[str, Any]) -> list[str]:
     per_unit: dict[str, list[str]] = {}
     for knob in ("bits", "prune", "rank"):
         for unit, val in (cand.get(knob) or {}).items():
-            if val != _NEUTRAL[knob]:
+            if val != NEUTRAL[knob]:
                 per_unit.setdefault(unit, []).append(f"{knob} {val:g}" if isinstance(val, (int, float)) else f"{knob} {val}")
     lines = [f"{u}: {', '.join(v)}" for u, v in per_unit.items()]
     if len(lines) > _HOVER_UNITS:
@@ -273,7 +273,7 @@ def dashboard_data(study: Any) -> DashboardData:
         units = list(units_by_knob.get(knob) or [])
         if not units or not ordered:
             continue
-        mat = np.full((len(units), len(ordered)), float(_NEUTRAL[knob]))
+        mat = np.full((len(units), len(ordered)), float(NEUTRAL[knob]))
         for j, number in enumerate(ordered):
             chosen = (trials[number].user_attrs.get("candidate") or {}).get(knob) or {}
             for i, unit in enumerate(units):

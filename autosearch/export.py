@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from autosearch.candidate import NEUTRAL
 from autosearch.errors import ConfigError
 
 __all__ = ["ExportReport", "export_trial", "pick_trial"]
 
 RULES = ("<trial number>", "fastest", "fastest:<min accuracy>", "smallest", "smallest:<min accuracy>", "knee")
-_NEUTRAL = {"bits": 32, "prune": 0.0, "rank": 1.0}
 _DIFF_SAMPLES = 256
 
 
@@ -371,7 +371,7 @@ def _config(study: Any, trial: Any) -> dict[str, Any]:
                 names.append(u)
     per_unit: dict[str, dict[str, Any]] = {}
     for u in names:
-        per_unit[u] = {k: cand.get(k, {}).get(u, _NEUTRAL[k]) for k in knobs if u in units_by_knob.get(k, []) or u in cand.get(k, {})}
+        per_unit[u] = {k: cand.get(k, {}).get(u, NEUTRAL[k]) for k in knobs if u in units_by_knob.get(k, []) or u in cand.get(k, {})}
     return {
         "study": study.name,
         "trial": trial.number,

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from autosearch.analysis import QuantUnit, latency_by_unit, quant_units
-from autosearch.candidate import Candidate, SpaceUnits
+from autosearch.candidate import NEUTRAL, Candidate, SpaceUnits
 from autosearch.errors import CandidateError
 from autosearch.model import SourceModel
 from autosearch.space import SearchSpace
@@ -128,14 +128,14 @@ def narrowed_options(
     return fixed, why
 
 
-_NEUTRAL = {"prune": 0.0, "rank": 1.0}
+_STRUCTURAL = ("prune", "rank")
 
 
 def _mildest(space: SearchSpace, knob: str, unit: str) -> Any:
     """The non-neutral structural value that changes ``unit`` least (smallest prune ratio, largest rank)."""
-    if knob not in _NEUTRAL:
+    if knob not in _STRUCTURAL:
         return None
-    vals = [v for v in space.knobs[knob].choices_for(unit) if v != _NEUTRAL[knob]]
+    vals = [v for v in space.knobs[knob].choices_for(unit) if v != NEUTRAL[knob]]
     if not vals:
         return None
     return min(vals) if knob == "prune" else max(vals)
@@ -158,17 +158,17 @@ def hopeless_structural(units: Sequence[Mapping[str, Any]], space: SearchSpace) 
     why: list[str] = []
     for row in units:
         knob = row["knob"]
-        if knob not in _NEUTRAL:
+        if knob not in _STRUCTURAL:
             continue
         first = (row.get("members") or [row["unit"]])[0]
         mild = _mildest(space, knob, first)
-        if mild is None or _NEUTRAL[knob] not in space.knobs[knob].choices_for(first):
+        if mild is None or NEUTRAL[knob] not in space.knobs[knob].choices_for(first):
             continue
         drop = row.get(f"drop_distilled@{mild}") if distills else row.get(f"drop@{mild}")
         if drop is None or drop <= max_drop:
             continue
-        fixed[f"{row['unit']}.{knob}"] = _NEUTRAL[knob]
-        why.append(f"{row['unit']}.{knob}={_NEUTRAL[knob]} ({knob} {mild} alone{' and distilled' if distills else ''} drops {drop:.4f})")
+        fixed[f"{row['unit']}.{knob}"] = NEUTRAL[knob]
+        why.append(f"{row['unit']}.{knob}={NEUTRAL[knob]} ({knob} {mild} alone{' and distilled' if distills else ''} drops {drop:.4f})")
     return fixed, why
 
 
@@ -315,7 +315,7 @@ def analyze(
         for (knob, unit), row in rows.items():
             mild = _mildest(space, knob, members[(knob, unit)][0])
             drop = row.get(f"drop@{mild}") if mild is not None else None
-            if knob != "bits" and drop is not None and drop > max_drop:
+            if drop is not None and drop > max_drop:
                 retry.append((knob, unit, mild))
     n += len(retry)
     for knob, unit, val in retry:
