@@ -73,6 +73,22 @@ def batch_feeds(feeds: Sequence[dict[str, np.ndarray]], batch: int) -> list[dict
     return out
 
 
+def even_batches(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Re-split batched feeds into batches of one size (the largest divisor of the sample count
+    that is no larger than the largest batch given).
+
+    ORT's histogram calibrators (entropy, percentile) stack every batch's activations into one
+    array and fail on a short last batch ("inhomogeneous shape").
+    """
+    sizes = {len(next(iter(f.values()))) for f in feeds}
+    if len(sizes) <= 1:
+        return list(feeds)
+    joined = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    total = len(next(iter(joined.values())))
+    size = max(d for d in range(1, max(sizes) + 1) if total % d == 0)
+    return [{k: v[i : i + size] for k, v in joined.items()} for i in range(0, total, size)]
+
+
 def quantize_model(
     model: onnx.ModelProto,
     out_path: Path,
@@ -168,6 +184,8 @@ def quantize_model(
                 "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile,
             }[options.get("calibrate_method", "minmax")]
+            if method != CalibrationMethod.MinMax:
+                calibration = even_batches(calibration)
             extra: dict[str, Any] = {}
             if overrides:
                 extra["TensorQuantOverrides"] = overrides

@@ -204,3 +204,16 @@ def test_dynamic_mode_keeps_a_float_gemm_unit_float(mlp_onnx: Path, tmp_path: Pa
     ops = Counter(n.op_type for n in graph.node)
     assert ops["MatMulInteger"] == 1
     assert any(n.op_type in ("Gemm", "MatMul") and "w2" in n.input[1] for n in graph.node)
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_takes_any_sample_count(small_source, small_problem, fast_target, tmp_path: Path, method) -> None:
+    # 40 samples = one batch of 32 and one of 8: ORT's histogram collectors need equal batches
+    _, ev, _ = small_problem
+    units = _units(small_source)
+    quant = {"mode": "static", "activation_type": "uint8", "per_channel": True, "calibrate_method": method}
+    res = build_candidate(small_source, Candidate(bits={u: 8 for u in units}, quant=quant), tmp_path,
+                          bits_units=units, calibration=ev.calibration_feeds(40, small_source.input_names))
+    assert Counter(n.op_type for n in onnx.load(str(res.path)).graph.node)["QuantizeLinear"] > 0
+    float_acc = ev(fast_target.session(small_source.save(tmp_path / "f.onnx")))
+    assert abs(ev(fast_target.session(res.path)) - float_acc) < 0.15
