@@ -134,6 +134,40 @@ def test_prune_ffn_half_halves_intermediate_width(problem, source, tmp_path):
     assert _signature(path) == _signature(base)
 
 
+def test_distillation_matches_block_hidden_states(problem):
+    # pruned FFN in block 0: matching every block's hidden states pulls block 0's output (which
+    # the pruned neurons feed) closer to the original's than matching the final embedding alone
+    from autosearch.transforms.structural import _token_mask, apply_structural
+
+    model, ev, example = problem
+    cal = ev.calibration
+    batches = [tuple(torch.from_numpy(cal[n][i : i + 8]) for n in INPUT_NAMES) for i in range(0, len(cal[INPUT_NAMES[0]]), 8)]
+    eval_in = tuple(torch.from_numpy(ev.inputs[n]) for n in INPUT_NAMES)
+
+    def block0(m):
+        store = {}
+        h = m.get_submodule("bert.encoder.layer.0").register_forward_hook(lambda _m, _a, o: store.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            m(*eval_in)
+        h.remove()
+        return store["h"]
+
+    ref = block0(model)
+    mask = _token_mask(eval_in, ref)
+    assert mask is not None and mask.shape[:2] == ref.shape[:2]  # the attention mask, found among the inputs
+
+    def err(m):
+        return float((((block0(m) - ref) ** 2) * mask).sum() / mask.sum())
+
+    kw = {"prune": {"bert.encoder.layer.0.ffn": 0.5}, "calibration": batches, "distill_steps": 6, "distill_lr": 1e-4}
+    plain = apply_structural(model, _positional(example), prune=kw["prune"], reconstruct=False)
+    outputs_only = apply_structural(model, _positional(example), distill_hidden=False, **kw)
+    matched = apply_structural(model, _positional(example), **kw)  # default: blocks matched
+    assert err(matched) < err(outputs_only)
+    assert err(matched) < err(plain)
+    assert not matched.training
+
+
 def test_lowrank_quarter_cuts_params(problem):
     from autosearch.transforms.structural import apply_structural
 

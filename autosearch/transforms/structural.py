@@ -774,39 +774,118 @@ def _reconstruct(student: nn.Module, teacher: nn.Module, batches: list[tuple[tor
     return done
 
 
+def _hidden_hooks(model: nn.Module, paths: Sequence[str], store: dict[str, torch.Tensor]) -> list[Any]:
+    def hook(_m: nn.Module, _args: tuple[Any, ...], out: Any, p: str) -> None:
+        store[p] = out[0] if isinstance(out, (tuple, list)) else out
+
+    return [model.get_submodule(p).register_forward_hook(lambda m, a, o, p=p: hook(m, a, o, p)) for p in paths]
+
+
+def _token_mask(batch: tuple[torch.Tensor, ...], hidden: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask among a batch's inputs: a 0/1 integer ``[B, T]`` tensor, cut to the hidden states' length."""
+    for t in batch:
+        shaped = t.dim() == 2 and not t.is_floating_point() and t.shape[0] == hidden.shape[0] and t.shape[1] >= hidden.shape[1]
+        if shaped and bool(((t == 0) | (t == 1)).all()):
+            return t[:, : hidden.shape[1]].unsqueeze(-1).to(hidden.dtype)
+    return None
+
+
+def _relative_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """MSE over real tokens (``mask``), divided by the teacher's mean square: blocks of any scale weigh alike."""
+    teacher = teacher[:, : student.shape[1]] if student.dim() == 3 else teacher
+    diff = (student - teacher).pow(2)
+    if mask is not None:
+        err = (diff * mask).sum() / (mask.sum() * student.shape[-1]).clamp_min(1)
+        scale = (teacher.pow(2) * mask).sum() / (mask.sum() * student.shape[-1]).clamp_min(1)
+    else:
+        err, scale = diff.mean(), teacher.pow(2).mean()
+    return err / scale.clamp_min(1e-12)
+
+
+#: Weight of each matched block's relative MSE against the outputs' (measured on MiniLM, 25% of the FFN in
+#: three blocks, 50 steps: cosine 0.9659 matching outputs only, 0.9693 with every block's hidden states).
+_HIDDEN_WEIGHT = 0.1
+
+
 def _distill(
     student: nn.Module,
-    teacher_outputs: list[list[torch.Tensor]],
+    teacher: nn.Module,
     batches: list[tuple[torch.Tensor, ...]],
     *,
     steps: int,
     lr: float,
+    hidden: Sequence[str] = (),
 ) -> None:
-    """``steps`` Adam steps on the MSE between student and teacher outputs (student in eval mode).
+    """``steps`` Adam steps matching the teacher's outputs (student in eval mode).
 
-    The learning rate follows a cosine decay to zero, so the last steps settle the weights
-    instead of leaving them wherever the largest step threw them.
+    The loss is the MSE of every floating-point output; with ``hidden`` (module paths whose
+    outputs keep their shape, e.g. transformer blocks, whose width pruning never changes) each
+    output's and each block's MSE is taken relative to the teacher's mean square (padding tokens
+    left out), and every block adds ``_HIDDEN_WEIGHT`` times its error: the pruned layers get a
+    signal at their own depth instead of only through the final output. The learning rate follows
+    a cosine decay to zero, so the last steps settle the weights instead of leaving them wherever
+    the largest step threw them.
     """
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         return
+    t_store: dict[str, torch.Tensor] = {}
+    hooks = _hidden_hooks(teacher, hidden, t_store)
+    targets: list[tuple[list[torch.Tensor], dict[str, torch.Tensor]]] = []
+    try:
+        with torch.no_grad():
+            for b in batches:
+                outs = [t.detach() for t in _flatten_tensors(teacher(*b)) if t.is_floating_point()]
+                targets.append((outs, {p: t.detach() for p, t in t_store.items()}))
+                t_store.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    s_store: dict[str, torch.Tensor] = {}
+    hooks = _hidden_hooks(student, hidden, s_store)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     student.eval()
-    for step in range(steps):
-        i = step % len(batches)
-        with torch.enable_grad():
-            outs = [t for t in _flatten_tensors(student(*batches[i])) if t.is_floating_point()]
-            targets = teacher_outputs[i]
-            if len(outs) != len(targets):
-                raise CandidateError("distillation: the student returns a different number of outputs than the original")
-            loss = sum(torch.nn.functional.mse_loss(o, t) for o, t in zip(outs, targets, strict=True))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[union-attr]
-            opt.step()
-            sched.step()
+    try:
+        for step in range(steps):
+            i = step % len(batches)
+            with torch.enable_grad():
+                outs = [t for t in _flatten_tensors(student(*batches[i])) if t.is_floating_point()]
+                t_outs, t_hidden = targets[i]
+                if len(outs) != len(t_outs):
+                    raise CandidateError("distillation: the student returns a different number of outputs than the original")
+                if hidden:
+                    loss = sum(_relative_mse(o, t, None) for o, t in zip(outs, t_outs, strict=True))
+                    for p, h in s_store.items():
+                        loss = loss + _HIDDEN_WEIGHT * _relative_mse(h, t_hidden[p], _token_mask(batches[i], h))
+                else:
+                    loss = sum(torch.nn.functional.mse_loss(o, t) for o, t in zip(outs, t_outs, strict=True))
+                s_store.clear()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[union-attr]
+                opt.step()
+                sched.step()
+    finally:
+        for h in hooks:
+            h.remove()
     opt.zero_grad(set_to_none=True)
     student.eval()
+
+
+def _matching_blocks(student: nn.Module, teacher: nn.Module, paths: Sequence[str], batch: tuple[torch.Tensor, ...]) -> list[str]:
+    """The ``paths`` whose outputs have the same shape in student and teacher on ``batch``."""
+    shapes: list[dict[str, tuple[int, ...]]] = []
+    for m in (student, teacher):
+        store: dict[str, torch.Tensor] = {}
+        hooks = _hidden_hooks(m, paths, store)
+        try:
+            with torch.no_grad():
+                m(*batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        shapes.append({p: tuple(t.shape) for p, t in store.items() if isinstance(t, torch.Tensor) and t.is_floating_point()})
+    return [p for p in paths if p in shapes[0] and shapes[0][p] == shapes[1].get(p)]
 
 
 # --------------------------------------------------------------------------- #
@@ -841,6 +920,7 @@ def apply_structural(
     reconstruct: bool | None = None,
     distill_steps: int = 0,
     distill_lr: float = 3e-4,
+    distill_hidden: bool | None = None,
     seed: int = 0,
 ) -> nn.Module:
     """Build a pruned and/or factorized copy of ``model``.
@@ -874,6 +954,12 @@ def apply_structural(
         distill_steps: Adam steps minimising the MSE between the new model's and
             the original model's outputs on ``calibration`` (no labels needed).
         distill_lr: Adam learning rate for distillation.
+        distill_hidden: Also match the hidden states of every transformer block (BERT-like
+            encoder layers keep their width when heads or FFN neurons are pruned), each as an
+            MSE relative to the original's scale, padding left out. ``None`` (default): when
+            the model has such blocks. On MiniLM with 25% of the FFN pruned in three blocks:
+            cosine 0.9659 -> 0.9693 after 50 steps, 0.9680 -> 0.9743 after 200
+            (``benchmarks/ceiling.py``).
         seed: Seed for ``"random"`` importance and distillation.
 
     Returns:
@@ -997,11 +1083,12 @@ def apply_structural(
         _reconstruct(work, copy.deepcopy(model).eval() if model.training else model, batches)
     if distill_steps > 0:
         teacher = copy.deepcopy(model).eval()
-        with torch.no_grad():
-            targets = [[t.detach() for t in _flatten_tensors(teacher(*b)) if t.is_floating_point()] for b in batches]
-        del teacher
+        if distill_hidden is None:
+            distill_hidden = bool(blocks)
+        hidden = _matching_blocks(work, teacher, [b.path for b in blocks], batches[0]) if distill_hidden else []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            _distill(work, targets, batches, steps=distill_steps, lr=float(distill_lr))
+            _distill(work, teacher, batches, steps=distill_steps, lr=float(distill_lr), hidden=hidden)
+        del teacher
     work.eval()
     return work
