@@ -856,8 +856,9 @@ def _distill(
                     raise CandidateError("distillation: the student returns a different number of outputs than the original")
                 if hidden:
                     loss = sum(_relative_mse(o, t, None) for o, t in zip(outs, t_outs, strict=True))
+                    mask = _token_mask(batches[i], next(iter(s_store.values()))) if s_store else None  # blocks share [B, T]
                     for p, h in s_store.items():
-                        loss = loss + _HIDDEN_WEIGHT * _relative_mse(h, t_hidden[p], _token_mask(batches[i], h))
+                        loss = loss + _HIDDEN_WEIGHT * _relative_mse(h, t_hidden[p], mask)
                 else:
                     loss = sum(torch.nn.functional.mse_loss(o, t) for o, t in zip(outs, t_outs, strict=True))
                 s_store.clear()
