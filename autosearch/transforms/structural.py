@@ -792,7 +792,6 @@ def _token_mask(batch: tuple[torch.Tensor, ...], hidden: torch.Tensor) -> torch.
 
 def _relative_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """MSE over real tokens (``mask``), divided by the teacher's mean square: blocks of any scale weigh alike."""
-    teacher = teacher[:, : student.shape[1]] if student.dim() == 3 else teacher
     diff = (student - teacher).pow(2)
     if mask is not None:
         err = (diff * mask).sum() / (mask.sum() * student.shape[-1]).clamp_min(1)
