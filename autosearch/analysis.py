@@ -16,9 +16,86 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-__all__ = ["QuantUnit", "module_path_of_node", "node_unit_map", "quant_units", "units_frame"]
+__all__ = ["POST_PREFIX", "QuantUnit", "module_path_of_node", "node_unit_map", "op_groups", "quant_units", "units_frame"]
 
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
+POST_PREFIX = "post:"  # units of the non-weighted ops after the last weighted layer, one per graph output
+_STRUCTURE_OPS = {"Constant", "Shape", "Size", "ConstantOfShape", "Range", "NonZero", "If", "Loop", "Scan", "Identity",
+                  "QuantizeLinear", "DequantizeLinear"}
+
+
+def op_groups(model: onnx.ModelProto, unit_of_node: dict[str, str]) -> dict[str, str]:
+    """The unit each non-weighted node of the main graph belongs to, for per-unit precision.
+
+    The ops that break under int8 are often not weighted layers: a detection head's
+    Concat of box pixels with class scores, the Mul/Sigmoid of its decoding. So every
+    non-weighted node gets a unit and is quantized only when that unit is:
+
+    - a node with no weighted node downstream (post-processing) belongs to ``post:<output>``,
+      the first graph output it feeds: a unit of its own, so "the head stays float" is a
+      value of the search;
+    - any other node follows the nearest weighted node upstream (its activations are that
+      layer's output: a residual Add, a pool, a Resize), or, before the first weighted layer,
+      the nearest one downstream.
+
+    Args:
+        model: The graph.
+        unit_of_node: Weighted node name -> unit (from :func:`node_unit_map`).
+    """
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    # which graph outputs a node reaches with no weighted node in between, and whether a weighted node is downstream
+    weighted_below: dict[str, bool] = {}
+    first_output: dict[str, str] = {}
+    outputs = [o.name for o in g.output]
+    for node in reversed(list(g.node)):
+        below = False
+        reach: str | None = None
+        for out in node.output:
+            if out in outputs and reach is None:
+                reach = out
+            for c in consumers.get(out, []):
+                if c.name in unit_of_node or weighted_below.get(c.name, False):
+                    below = True
+                if reach is None and c.name in first_output:
+                    reach = first_output[c.name]
+        weighted_below[node.name] = below
+        if reach is not None:
+            first_output[node.name] = reach
+    out: dict[str, str] = {}
+    for node in g.node:  # graph order: a node's producers are assigned before it
+        if node.name in unit_of_node or node.op_type in _STRUCTURE_OPS:
+            continue
+        if not weighted_below.get(node.name, False):
+            out[node.name] = POST_PREFIX + first_output.get(node.name, outputs[0] if outputs else "output")
+            continue
+        up = None
+        for i in node.input:
+            p = producer.get(i)
+            if p is None:
+                continue
+            up = unit_of_node.get(p.name) or (out.get(p.name) if not out.get(p.name, "").startswith(POST_PREFIX) else None)
+            if up:
+                break
+        if up:
+            out[node.name] = up
+    # before the first weighted layer: the nearest weighted node downstream
+    for node in reversed(list(g.node)):
+        if node.name in out or node.name in unit_of_node or node.op_type in _STRUCTURE_OPS:
+            continue
+        for o in node.output:
+            for c in consumers.get(o, []):
+                down = unit_of_node.get(c.name) or out.get(c.name)
+                if down and not down.startswith(POST_PREFIX):
+                    out[node.name] = down
+                    break
+            if node.name in out:
+                break
+    return out
 
 
 @dataclass(frozen=True)
@@ -110,7 +187,8 @@ def _node_cost(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], shapes:
     return params, 0
 
 
-def quant_units(model: onnx.ModelProto, *, by_module: bool = False, known_units: Iterable[str] | None = None) -> list[QuantUnit]:
+def quant_units(model: onnx.ModelProto, *, by_module: bool = False, known_units: Iterable[str] | None = None,
+                post: bool = True) -> list[QuantUnit]:
     """List the units of the bits knob.
 
     Args:
@@ -118,10 +196,11 @@ def quant_units(model: onnx.ModelProto, *, by_module: bool = False, known_units:
         by_module: Group nodes by torch module path (for models exported from PyTorch).
         known_units: Unit names decided earlier (e.g. before a low-rank split): nodes
             map to the longest known name that prefixes their module path.
+        post: Also list the post-processing units (``post:<output>``, see :func:`op_groups`).
 
     Returns:
-        Units in graph order. Nodes whose weight is not an initializer are skipped
-        (the quantizers cannot take them).
+        Weighted units in graph order, then the post-processing units. Nodes whose weight
+        is not an initializer are skipped (the quantizers cannot take them).
     """
     inits = _initializers(model)
     shapes = _shapes(model)
@@ -140,10 +219,19 @@ def quant_units(model: onnx.ModelProto, *, by_module: bool = False, known_units:
         acc[unit]["nodes"].append(node.name)
         acc[unit]["params"][0] += params
         acc[unit]["flops"][0] += flops
-    return [
+    units = [
         QuantUnit(u, tuple(dict.fromkeys(acc[u]["ops"])), tuple(acc[u]["nodes"]), acc[u]["params"][0], acc[u]["flops"][0])
         for u in order
     ]
+    if post and mapping:
+        post_nodes: dict[str, list[onnx.NodeProto]] = {}
+        by_name = {n.name: n for n in model.graph.node}
+        for name, unit in op_groups(model, mapping).items():
+            if unit.startswith(POST_PREFIX):
+                post_nodes.setdefault(unit, []).append(by_name[name])
+        for unit, nodes in post_nodes.items():
+            units.append(QuantUnit(unit, tuple(dict.fromkeys(n.op_type for n in nodes)), tuple(n.name for n in nodes), 0, 0))
+    return units
 
 
 def node_unit_map(model: onnx.ModelProto, *, by_module: bool, known_units: Iterable[str] | None = None) -> dict[str, str]:
@@ -219,6 +307,7 @@ def latency_by_unit(
     known = sorted(set(units), key=len, reverse=True)
     model = onnx.load(model_path)
     direct = node_unit_map(model, by_module=by_module, known_units=known)
+    direct.update(op_groups(model, dict(direct)))  # activation ops count for their unit, post-processing for post:*
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.enable_profiling = True

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from autosearch.analysis import node_unit_map
+from autosearch.analysis import node_unit_map, op_groups
 from autosearch.candidate import Candidate
 from autosearch.errors import CandidateError, ConfigError
-from autosearch.model import SourceModel, export_onnx
+from autosearch.model import SourceModel, export_onnx, opset_of, upgrade_opset
 
 __all__ = ["BuildResult", "build_candidate", "quantize_model"]
 
@@ -63,7 +63,8 @@ class _Reader:
 
 
 def batch_feeds(feeds: Sequence[dict[str, np.ndarray]], batch: int) -> list[dict[str, np.ndarray]]:
-    """Concatenate single-sample feeds into batches (for models with a free batch dimension)."""
+    """Concatenate single-sample feeds into batches (only for models that batch on axis 0:
+    :attr:`SourceModel.batchable`); ``batch`` 1 keeps one feed per sample."""
     if batch <= 1:
         return list(feeds)
     out = []
@@ -71,6 +72,56 @@ def batch_feeds(feeds: Sequence[dict[str, np.ndarray]], batch: int) -> list[dict
         chunk = feeds[i : i + batch]
         out.append({k: np.concatenate([f[k] for f in chunk]) for k in chunk[0]})
     return out
+
+
+CALIBRATION_MEMORY = 1 << 30  # bytes of activations one calibration batch may hold
+
+
+def calibration_batch(source: SourceModel, *, memory: int = CALIBRATION_MEMORY, largest: int = 32) -> int:
+    """Samples per calibration batch: 1 where the model does not batch on axis 0, else as many as
+    keep one batch's activations under ``memory`` (at most ``largest``).
+
+    The activations of one sample are the summed sizes of every intermediate tensor of the float
+    model on the example input (measured once: :func:`activation_bytes`). A 640x640 detector at
+    batch 32 held 13.7 GB during calibration; bounded, it calibrates in about a gigabyte.
+    """
+    if not source.batchable:
+        return 1
+    per = activation_bytes(source)
+    return max(1, min(largest, memory // max(per, 1)))
+
+
+def activation_bytes(source: SourceModel) -> int:
+    """Bytes of every intermediate float tensor of one sample (the example input), measured by
+    running the float model with each tensor exposed as an output; cached on ``source``."""
+    cached = getattr(source, "_activation_bytes", None)
+    if cached is not None:
+        return int(cached)
+    import onnxruntime as ort
+
+    model = onnx.ModelProto()
+    model.CopyFrom(source.onnx_model)
+    known = {o.name for o in model.graph.output}
+    inits = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out not in known and out not in inits and node.op_type not in ("Constant", "Shape"):
+                model.graph.output.append(onnx.ValueInfoProto(name=out))
+                known.add(out)
+    total = 0
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        outs = sess.run(None, source.example_feed)
+        total = sum(int(np.asarray(o).nbytes) for o in outs if isinstance(o, np.ndarray))
+        rows = max(1, min((len(v) for v in source.example_feed.values() if np.ndim(v)), default=1))
+        total //= rows
+    except Exception:  # too large to serialize, or an output ORT cannot expose: assume the input x 100
+        total = 100 * sum(int(np.asarray(v).nbytes) for v in source.example_feed.values())
+    source._activation_bytes = total  # type: ignore[attr-defined]
+    return total
 
 
 def even_batches(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -127,10 +178,14 @@ def quantize_model(
         unit_of_weight = {n.input[1]: unit_of_node[n.name] for n in model.graph.node if n.name in unit_of_node and len(n.input) > 1}
         if options.get("preprocess"):
             pre = work / "pre.onnx"
-            try:
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            except Exception as exc:
-                raise CandidateError(f"quant_pre_process failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
+            try:  # symbolic shape inference first; it fails on most real models, so retry without
+                quant_pre_process(str(src), str(pre))
+            except Exception:
+                try:
+                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+                except Exception as exc:
+                    raise CandidateError(f"quant_pre_process failed (also with skip_symbolic_shape=True): "
+                                         f"{type(exc).__name__}: {str(exc)[:400]}") from exc
             src = pre
         graph = onnx.load(str(src))
         node_unit: dict[str, str] = {}
@@ -145,9 +200,16 @@ def quantize_model(
         nbits = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) == 4 and _nbits_able(graph, n)]
         exclude = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) == 32 or n.name in nbits]
         quantized = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) != 32 and n.name not in nbits]
-        if not quantized and not nbits:
+        # non-weighted nodes follow their unit (a float unit keeps its activation ops float);
+        # post-processing after the last weighted layer is a unit of its own (post:<output>)
+        mode = options.get("mode", "static")
+        groups = op_groups(graph, unit_of_node) if scope_all(options, mode) else {}
+        # (followers of a weight-only int4 unit stay float: its activations are)
+        float_ops = [n for n, u in groups.items() if bits.get(u, 32) not in (8, 16)]
+        quant_ops = [n for n, u in groups.items() if bits.get(u, 32) in (8, 16)]
+        if not quantized and not nbits and not quant_ops:
             raise CandidateError("no node of the units set to quantize was found in the graph")
-        if not quantized:
+        if not quantized and not quant_ops:
             onnx.save(graph, str(out_path))
             _int4_weight_only(out_path, nbits, options)
             notes.append(f"int4 weight-only (MatMulNBits) on {len(nbits)} node(s), the rest float")
@@ -159,7 +221,6 @@ def quantize_model(
             if b in (16, 4):
                 qt = {16: QuantType.QInt16, 4: QuantType.QInt4}[b]
                 overrides[weight_of[name]] = [{"quant_type": qt}]
-        mode = options.get("mode", "static")
         if mode == "dynamic":
             if overrides:
                 raise CandidateError("16/4-bit units need static quantization (mode: static)")
@@ -197,7 +258,7 @@ def quantize_model(
             else:
                 # the quantizer's defaults, but never a Softmax or the Add that feeds one: an
                 # additive attention mask holds float32 min and calibrating it collapses every score
-                exclude = exclude + _softmax_guard(graph)
+                exclude = exclude + float_ops + [n for n in _softmax_guard(graph) if n not in float_ops]
             try:
                 quantize_static(
                     str(src),
@@ -218,11 +279,17 @@ def quantize_model(
         if nbits:
             _int4_weight_only(out_path, nbits, options)
             notes.append(f"int4 weight-only (MatMulNBits) on {len(nbits)} node(s)")
-        notes.append(f"quantized {len(quantized)} node(s), {len(exclude) - len(nbits)} kept float ({mode})")
+        notes.append(f"quantized {len(quantized)} weighted node(s) and up to {len(quant_ops)} other, "
+                     f"{len(exclude) - len(nbits)} kept float ({mode})")
         return out_path
     finally:
         logging.disable(logging.NOTSET)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def scope_all(options: dict[str, Any], mode: str) -> bool:
+    """Whether non-weighted ops are quantized at all (static mode, ``op_scope: all``)."""
+    return mode != "dynamic" and options.get("op_scope", "all") == "all"
 
 
 def _nbits_able(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
@@ -337,20 +404,38 @@ def build_candidate(
         t = time.perf_counter()
         proto = _structural(source, cand, calibration, out_dir)
         stages["structural_s"] = time.perf_counter() - t
-    free_batch = source.input_batch_fixed() is None
     if cand.quantized:
         t = time.perf_counter()
+        need = _opset_needed(cand.quant)
+        if opset_of(proto) < need:
+            proto = source.at_opset(need) if proto is source.onnx_model else upgrade_opset(proto, need)
+            notes.append(f"opset raised to {opset_of(proto)} for this setting")
         by_module = source.origin == "torch"
         unit_of_node = node_unit_map(proto, by_module=by_module, known_units=bits_units)
         if not by_module:
             unit_of_node = {n: _onnx_unit(n, bits_units) for n in unit_of_node}
             unit_of_node = {n: u for n, u in unit_of_node.items() if u}
-        feeds = batch_feeds(calibration, 32 if free_batch else 1)
+        cal = list(calibration)
+        if cand.quant.get("calibrate_method", "minmax") != "minmax" and cand.quant.get("mode", "static") == "static":
+            # histogram calibrators keep every sample's activations until the end: bound the sample count
+            most = max(4, CALIBRATION_MEMORY // max(activation_bytes(source), 1))
+            if len(cal) > most:
+                notes.append(f"{cand.quant.get('calibrate_method')} calibration on {most} of {len(cal)} samples (memory bound)")
+                cal = cal[:: -(-len(cal) // most)][:most]
+        feeds = batch_feeds(cal, calibration_batch(source))
         quantize_model(proto, out, bits=dict(cand.bits), unit_of_node=unit_of_node, options=dict(cand.quant), calibration=feeds, notes=notes)
         stages["quantize_s"] = time.perf_counter() - t
     else:
         onnx.save(proto, str(out))
     return BuildResult(out, time.perf_counter() - t0, notes, stages)
+
+
+def _opset_needed(quant: dict[str, Any] | Any) -> int:
+    """The lowest opset ONNX Runtime's quantizer writes a valid model at, for these options:
+    per-channel QDQ needs 13 (``DequantizeLinear`` with ``axis``); ``DynamicQuantizeLinear`` 11."""
+    if quant.get("mode", "static") == "dynamic":
+        return 11
+    return 13 if quant.get("per_channel", True) else 10
 
 
 def _onnx_unit(node_name: str, units: Sequence[str]) -> str | None:

@@ -29,6 +29,26 @@ Studies live in ./studies/<name>.db (SQLite) with artifacts in ./studies/<name>/
 """
 
 
+def _add_analysis(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-analysis", action="store_true",
+                   help="start sampling at once: no latency profile, uniform variants or sensitivity scan first "
+                   "(strategy.analysis: false)")
+    p.add_argument("--analysis-budget", type=float, default=None, metavar="FRACTION",
+                   help="share of the search's wall time the analysis may take (default: the space's "
+                   "strategy.analysis_budget, 0.25); the estimate is printed before it starts")
+
+
+def _strategy(args: argparse.Namespace) -> dict[str, Any]:
+    over: dict[str, Any] = {}
+    if getattr(args, "no_analysis", False):
+        over["analysis"] = False
+    if getattr(args, "analysis_budget", None) is not None:
+        if not 0 < args.analysis_budget < 1:
+            raise ConfigError(f"--analysis-budget {args.analysis_budget} must be a fraction in (0, 1), e.g. 0.25")
+        over["analysis_budget"] = args.analysis_budget
+    return over
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--studies-dir", default="studies", help="home of study databases and artifacts (default: %(default)s)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<studies-dir>/<study>.db); "
@@ -54,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--space", default="cnn", help="preset name or YAML path (default: %(default)s)")
     demo.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default: %(default)s)")
     demo.add_argument("--studies-dir", default="studies", help="home of study databases and artifacts (default: %(default)s)")
+    _add_analysis(demo)
 
     s = sub.add_parser(
         "search", help="run a search (resumes when the study exists)",
@@ -61,19 +82,26 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  autosearch search --model default --study digits --n-trials 30\n"
         "  autosearch search --model net.onnx --data val.npz --space quant --study net\n"
-        "  autosearch search --model net.onnx --metric top1 --study net-fidelity   # no labels\n\n"
+        "  autosearch search --model net.onnx --data x.npz --metric top1 --study net-fidelity   # no labels\n"
+        "  autosearch search --model det.onnx --data pages.npz --metric mytasks.metrics:detection_f1 --study det\n\n"
         "--data is an .npz file: 'x' (or one array per model input, by input name) and, for labelled\n"
-        "scoring, 'y'. Optional 'calib' holds calibration samples (default: the evaluation samples).\n"
+        "scoring, 'y'. Optional 'calib' (or 'calib_<input>' per input) holds calibration samples (default: the\n"
+        "evaluation samples).\n"
+        "An input array with the model input's rank holds samples of batch 1 along axis 0; one with a rank\n"
+        "more holds complete inputs (a scalar input as shape (N,), a state [2, 1, 64] as (N, 2, 1, 64)).\n"
         "Without 'y' the score is fidelity to the original model's outputs.\n",
     )
     s.add_argument("--model", default="default", help="'default' (the digits CNN) or a path to an .onnx file")
     s.add_argument("--data", default=None, help=".npz with x [, y, calib]; omitted: random inputs, fidelity score")
-    s.add_argument("--metric", default=None, choices=["accuracy", "top1", "cosine"],
-                   help="accuracy with labels; top1 / cosine agreement with the original without (default: accuracy if y given, else cosine)")
+    s.add_argument("--metric", default=None, metavar="METRIC",
+                   help="accuracy (needs y); or, without labels, fidelity to the original: scaled_cosine (default: cosine per "
+                   "band of channels on one scale, so box pixels cannot hide class scores), cosine, top1 (argmax agreement), "
+                   "decision (same side of 0.5), or package.module:function taking (outputs, reference) -> float")
     s.add_argument("--space", default=None, help="preset name (cnn, quant) or YAML path (default: cnn for the default model, quant for ONNX)")
     s.add_argument("--study", default="autosearch", help="study name (default: %(default)s)")
     s.add_argument("--n-trials", type=int, default=None, help="trials to run now (default: the space's budget)")
     s.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    _add_analysis(s)
     s.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default: %(default)s)")
     s.add_argument("--provider", default="CPUExecutionProvider", help="ONNX Runtime execution provider (default: %(default)s)")
     _add_common(s)
@@ -107,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--model", default="default", help="'default' or a path to an .onnx file")
     a.add_argument("--sensitivity", action="store_true", help="run the sensitivity scan (needs --study to keep it)")
     a.add_argument("--data", default=None, help="with --sensitivity: .npz with x [, y, calib], as for search")
-    a.add_argument("--metric", default=None, choices=["accuracy", "top1", "cosine"], help="with --sensitivity: as for search")
+    a.add_argument("--metric", default=None, metavar="METRIC", help="with --sensitivity: as for search")
     a.add_argument("--space", default=None, help="with --sensitivity: preset or YAML (default: cnn / quant, as for search)")
     a.add_argument("--threads", type=int, default=1, help="intra-op threads for the profile (default: %(default)s)")
     a.add_argument("--study", default=None, help="print the analysis stored in this study instead")
@@ -168,26 +196,41 @@ def _problem(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
         from autosearch.demo import default_problem
 
         return default_problem()
-    from autosearch.model import load_onnx
+    from autosearch.feeds import Samples
+    from autosearch.model import graph_inputs, load_onnx, normalize_onnx
 
     path = spec["path"]
-    load_onnx(path)  # clear errors first
+    proto, _ = normalize_onnx(load_onnx(path))  # clear errors first
     if not spec.get("data"):
         return path, None, None
     data = _load_npz(spec["data"])
     x: Any
-    inputs = {k: v for k, v in data.items() if k not in ("y", "calib")}
+    inputs = {k: v for k, v in data.items() if k != "y" and not k.startswith("calib")}
     if not inputs:
         raise ConfigError(f"{spec['data']!r} has no input array: save it with numpy.savez(path, x=..., y=...)")
-    x = inputs["x"] if list(inputs) == ["x"] else inputs
-    calib = data.get("calib")
-    example = x[:1] if not isinstance(x, dict) else {k: v[:1] for k, v in x.items()}
+    names = [vi.name for vi in graph_inputs(proto)]
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in graph_inputs(proto)}
+    if list(inputs) == ["x"] and len(names) == 1:
+        x = {names[0]: inputs["x"]}
+    else:
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise ConfigError(f"{spec['data']!r} lacks array(s) {missing} for the model's inputs {names}; it has "
+                              f"{sorted(inputs)} (name one array per input, or use 'x' for a one-input model)")
+        x = {n: inputs[n] for n in names}
+    calib: Any = data.get("calib")
+    if calib is not None and len(names) == 1:
+        calib = {names[0]: calib}
+    per_input = {k[len("calib_"):]: v for k, v in data.items() if k.startswith("calib_")}
+    if per_input:
+        calib = per_input
+    example = Samples(x, names, ranks=ranks).feed(0)
     metric = spec.get("metric")
     if "y" in data and metric in (None, "accuracy"):
         return path, LabelledEvaluator(x, data["y"], calibration=calib), example
     if metric == "accuracy":
         raise ConfigError(f"--metric accuracy needs labels: {spec['data']!r} has no 'y' array")
-    return path, FidelityEvaluator(x, metric=metric or "cosine", calibration=calib), example
+    return path, FidelityEvaluator(x, metric=metric or "scaled_cosine", calibration=calib), example
 
 
 def _spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,6 +241,8 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         spec = {"kind": "onnx", "path": str(Path(args.model).resolve()), "space": args.space or "quant",
                 "data": str(Path(args.data).resolve()) if args.data else None, "metric": args.metric}
     spec.update(threads=args.threads, provider=getattr(args, "provider", "CPUExecutionProvider"))
+    if _strategy(args):
+        spec["strategy"] = _strategy(args)
     return spec
 
 
@@ -207,10 +252,17 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
     from autosearch.study import search
     from autosearch.target import Target
 
+    import dataclasses
+
+    from autosearch.space import load_space
+
     model, evaluator, example = _problem(spec)
+    space = load_space(spec.get("space"))
+    if spec.get("strategy"):
+        space = dataclasses.replace(space, strategy={**space.strategy, **spec["strategy"]})
     target = Target(providers=(spec.get("provider", "CPUExecutionProvider"),), threads=int(spec.get("threads", 1)),
                     lock_path=str(Path(studies_dir) / ".profile.lock"))
-    st = search(model, evaluator, example_inputs=example, space=spec.get("space"), target=target, study_name=study,
+    st = search(model, evaluator, example_inputs=example, space=space, target=target, study_name=study,
                 storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec)
     if show_front:
         print_front(st)
@@ -219,6 +271,8 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
 def _cmd(args: argparse.Namespace) -> int:
     if args.command == "demo":
         spec = {"kind": "default", "space": args.space, "threads": args.threads}
+        if _strategy(args):
+            spec["strategy"] = _strategy(args)
         _run_search(spec, study=args.study, storage=None, studies_dir=args.studies_dir, n_trials=args.n_trials, timeout=None)
         return 0
     if args.command == "search":

@@ -20,10 +20,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from autosearch.errors import CandidateError, ConfigError
+from autosearch.feeds import Inputs, Samples, batches_of, can_batch, session_ranks, stack_outputs
+from autosearch.metrics import Metric, per_output, resolve_metric
 
-__all__ = ["Evaluator", "FidelityEvaluator", "LabelledEvaluator", "run_batched"]
-
-Inputs = np.ndarray | Sequence[np.ndarray] | Mapping[str, np.ndarray]
+__all__ = ["Evaluator", "FidelityEvaluator", "LabelledEvaluator", "default_evaluator", "run_batched"]
 
 
 @runtime_checkable
@@ -37,84 +37,121 @@ class Evaluator(Protocol):
     def calibration_feeds(self, n: int, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]: ...
 
 
-def _as_named(inputs: Inputs, names: Sequence[str]) -> dict[str, np.ndarray]:
-    if isinstance(inputs, Mapping):
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise ConfigError(f"evaluation data lacks model input(s) {missing}; it has {sorted(inputs)}")
-        return {n: np.asarray(inputs[n]) for n in names}
-    arrays = [np.asarray(inputs)] if isinstance(inputs, np.ndarray) else [np.asarray(a) for a in inputs]
-    if len(arrays) != len(names):
-        raise ConfigError(f"evaluation data has {len(arrays)} array(s) but the model has {len(names)} input(s) {list(names)}")
-    return dict(zip(names, arrays))
-
-
 def _length(inputs: Inputs) -> int:
+    if isinstance(inputs, Samples):
+        return inputs.n
     if isinstance(inputs, Mapping):
         return len(next(iter(inputs.values())))
     if isinstance(inputs, np.ndarray):
         return len(inputs)
-    return len(inputs[0])
+    return len(inputs)  if inputs and isinstance(inputs[0], Mapping) else len(inputs[0])  # type: ignore[index]
 
 
-def run_batched(session: Any, inputs: Inputs, *, limit: int | None = None, batch_size: int = 64) -> list[np.ndarray]:
-    """Run ``session`` over all samples, in batches where the batch dimension is free.
+def _check_shapes(session: Any, samples: Samples) -> None:
+    feed = samples.feed(0)
+    for meta in session.get_inputs():
+        arr = np.asarray(feed[meta.name])
+        want = [d if isinstance(d, int) and d > 0 else None for d in meta.shape]
+        if arr.ndim != len(meta.shape) or any(w is not None and w != s for w, s in zip(want[1:], arr.shape[1:])):
+            raise ConfigError(
+                f"evaluation data for input {meta.name!r} has per-sample shape {list(arr.shape[1:]) if arr.ndim else []}, "
+                f"the model expects {['?' if w is None else w for w in want[1:]]} (its input shape: "
+                f"{['?' if w is None else w for w in want]}); a sample fed as is: {list(arr.shape)}"
+            )
 
-    Returns one array per model output, samples concatenated along axis 0.
+
+def _signature(session: Any) -> tuple[Any, ...]:
+    return tuple((m.name, tuple(m.shape), m.type) for m in session.get_inputs())
+
+
+def run_batched(
+    session: Any,
+    inputs: Inputs | Samples,
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    batchable: bool | None = None,
+) -> list[Any]:
+    """Run ``session`` over the samples: in batches where the model batches on axis 0, else one by one.
+
+    Returns one entry per model output: the samples joined along axis 0, or a list of per-sample
+    arrays where an output's shape varies from sample to sample.
+
+    Args:
+        batchable: Whether samples may be joined (``None``: checked on this session with
+            :func:`autosearch.feeds.can_batch`).
 
     Raises:
         CandidateError: ONNX Runtime fails on the data.
         ConfigError: data shape does not fit the model.
     """
     metas = session.get_inputs()
-    names = [m.name for m in metas]
-    named = _as_named(inputs, names)
-    n = _length(inputs) if limit is None else min(limit, _length(inputs))
+    samples = inputs if isinstance(inputs, Samples) else Samples(inputs, [m.name for m in metas], ranks=session_ranks(session))
+    n = samples.n if limit is None else min(limit, samples.n)
+    _check_shapes(session, samples)
     dim0 = metas[0].shape[0] if metas[0].shape else None
-    step = dim0 if isinstance(dim0, int) and dim0 > 0 else batch_size
-    for meta in metas:
-        arr = named[meta.name]
-        want = [d if isinstance(d, int) and d > 0 else None for d in meta.shape[1:]]
-        if arr.ndim != len(meta.shape) or any(w is not None and w != s for w, s in zip(want, arr.shape[1:])):
-            raise ConfigError(
-                f"evaluation data for input {meta.name!r} has per-sample shape {list(arr.shape[1:])}, the model expects "
-                f"{['?' if w is None else w for w in want]}"
-            )
-    outs: list[list[np.ndarray]] = []
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        feed = {k: v[start:stop] for k, v in named.items()}
-        if stop - start < step and step != batch_size:  # fixed batch: pad the tail
-            feed = {k: np.concatenate([v, np.repeat(v[-1:], step - (stop - start), axis=0)]) for k, v in feed.items()}
+    fixed = dim0 if isinstance(dim0, int) and dim0 > 1 else None
+    if batchable is None:
+        batchable = can_batch(session, samples.feeds(range(min(2, samples.n))))
+    step = fixed or (batch_size if batchable else 1)
+    per_run: list[list[np.ndarray]] = []
+    counts: list[int | None] = []
+    for feed, count in batches_of(samples, n, step, fixed=fixed):
         try:
-            res = session.run(None, feed)
+            per_run.append(session.run(None, feed))
         except Exception as exc:
             raise CandidateError(f"ONNX Runtime failed while scoring: {str(exc)[:600]}") from exc
-        if not outs:
-            outs = [[] for _ in res]
-        for acc, r in zip(outs, res):
-            acc.append(np.asarray(r)[: stop - start])
-    return [np.concatenate(o) for o in outs]
+        counts.append(count)
+    return stack_outputs(per_run, counts)
 
 
-def _calibration(inputs: Inputs, n: int, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    named = _as_named(inputs, names)
-    total = _length(inputs)
-    idx = np.linspace(0, total - 1, num=min(n, total)).astype(int)
-    return [{k: v[i : i + 1] for k, v in named.items()} for i in idx]
+class _Scored:
+    """Samples of an evaluator, and whether the model batches them (decided once, on the first session)."""
+
+    def __init__(self, inputs: Inputs, calibration: Inputs | None, batch_size: int) -> None:
+        if isinstance(inputs, (list, tuple)) and not inputs:
+            raise ConfigError("the evaluation data holds no sample")
+        self.inputs = inputs
+        self.calibration = calibration if calibration is not None else inputs
+        self.batch_size = batch_size
+        self._samples: dict[tuple[Any, ...], tuple[Samples, bool]] = {}
+        self._ranks: dict[str, int] | None = None
+
+    def _prepared(self, session: Any) -> tuple[Samples, bool]:
+        sig = _signature(session)
+        if sig not in self._samples:
+            samples = Samples(self.inputs, [m.name for m in session.get_inputs()], ranks=session_ranks(session))
+            _check_shapes(session, samples)
+            self._samples[sig] = (samples, can_batch(session, samples.feeds(range(min(2, samples.n)))))
+            self._ranks = session_ranks(session)
+        return self._samples[sig]
+
+    def run(self, session: Any, limit: int | None) -> list[Any]:
+        samples, batchable = self._prepared(session)
+        return run_batched(session, samples, limit=limit, batch_size=self.batch_size, batchable=batchable)
+
+    def calibration_feeds(self, n: int, input_names: Sequence[str], ranks: Mapping[str, int] | None = None) -> list[dict[str, np.ndarray]]:
+        return _calibration(self.calibration, n, input_names, ranks or self._ranks)
+
+
+def _calibration(inputs: Inputs, n: int, names: Sequence[str], ranks: Mapping[str, int] | None = None) -> list[dict[str, np.ndarray]]:
+    samples = Samples(inputs, names, ranks=ranks)
+    idx = np.linspace(0, samples.n - 1, num=min(n, samples.n)).astype(int)
+    return samples.feeds(list(dict.fromkeys(int(i) for i in idx)))
 
 
 class LabelledEvaluator:
     """Score on labelled data: top-1 accuracy by default, or any ``metric(outputs, labels)``.
 
     Args:
-        inputs: Samples (array with samples on axis 0, a tuple of such arrays, or name -> array).
+        inputs: Samples: an array with samples on axis 0, a tuple of such arrays, name -> array,
+            or a list of complete feeds (see :mod:`autosearch.feeds`).
         labels: One label per sample.
         metric: ``"accuracy"`` (argmax of the first output) or a callable
             ``(outputs: list[np.ndarray], labels) -> float``.
         calibration: Samples used for quantization calibration and BatchNorm
             recalibration (default: the evaluation inputs themselves; pass training data).
-        batch_size: Batch size where the model's batch dimension is free.
+        batch_size: Batch size where the model batches on axis 0.
     """
 
     def __init__(
@@ -131,10 +168,11 @@ class LabelledEvaluator:
             raise ConfigError(f"{_length(inputs)} input samples but {len(labels)} labels: give one label per sample")
         if isinstance(metric, str) and metric != "accuracy":
             raise ConfigError(f"metric {metric!r} is not known; use 'accuracy' or pass a callable (outputs, labels) -> float")
+        self._data = _Scored(inputs, calibration, batch_size)
         self.inputs = inputs
         self.labels = labels
         self.metric = metric
-        self.calibration = calibration if calibration is not None else inputs
+        self.calibration = self._data.calibration
         self.batch_size = batch_size
         self.name = "accuracy" if isinstance(metric, str) else getattr(metric, "__name__", "metric")
 
@@ -143,49 +181,60 @@ class LabelledEvaluator:
         return len(self.labels)
 
     def __call__(self, session: Any, *, limit: int | None = None) -> float:
-        outs = run_batched(session, self.inputs, limit=limit, batch_size=self.batch_size)
-        labels = self.labels[: len(outs[0])]
+        outs = self._data.run(session, limit)
+        labels = self.labels[: self.num_samples if limit is None else min(limit, self.num_samples)]
         if callable(self.metric):
             return float(self.metric(outs, labels))
-        return float((outs[0].reshape(len(labels), -1).argmax(axis=1) == labels).mean())
+        first = outs[0] if not isinstance(outs[0], list) else np.concatenate([np.asarray(o).reshape(1, -1) for o in outs[0]])
+        return float((np.asarray(first).reshape(len(labels), -1).argmax(axis=1) == labels).mean())
 
     def calibration_feeds(self, n: int, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        return _calibration(self.calibration, n, input_names)
+        return self._data.calibration_feeds(n, input_names)
 
 
 class FidelityEvaluator:
     """Label-free score: agreement of the candidate's outputs with the original model's.
 
-    Metrics (each output is scored and the worst output counts, so one output with a
-    large scale cannot hide another that broke):
-
-    - ``"top1"``: fraction of samples whose argmax over the last axis matches.
-    - ``"cosine"``: mean per-sample cosine similarity of each output (flattened per sample).
-
     Args:
         inputs: Samples, as for :class:`LabelledEvaluator`.
-        metric: ``"top1"`` or ``"cosine"``.
+        metric: A built-in name (``scaled_cosine``, the default; ``cosine``; ``top1``; ``decision``;
+            see :mod:`autosearch.metrics`), ``"package.module:function"``, a callable
+            ``metric(outputs, reference) -> float`` (one entry per model output, samples joined on
+            axis 0; 1.0 = identical), or a mapping output name -> metric (only those outputs are
+            scored; the worst counts).
         reference: The original outputs; computed by :meth:`prepare` when not given.
         calibration: Samples for calibration (default: ``inputs``).
+        batch_size: Batch size where the model batches on axis 0.
+
+    Example:
+        >>> from autosearch.metrics import argmax_agreement
+        >>> ev = FidelityEvaluator(x, metric={"logits": argmax_agreement(-1)})   # doctest: +SKIP
     """
 
     def __init__(
         self,
         inputs: Inputs,
         *,
-        metric: str = "cosine",
-        reference: Sequence[np.ndarray] | None = None,
+        metric: str | Metric | Mapping[str, str | Metric] = "scaled_cosine",
+        reference: Sequence[Any] | None = None,
         calibration: Inputs | None = None,
         batch_size: int = 64,
     ) -> None:
-        if metric not in ("top1", "cosine"):
-            raise ConfigError(f"fidelity metric {metric!r} is not known; use 'top1' or 'cosine'")
+        self._by_output = dict(metric) if isinstance(metric, Mapping) else None
+        self._metric: Metric | None = None if self._by_output is not None else resolve_metric(metric)  # type: ignore[arg-type]
+        self._data = _Scored(inputs, calibration, batch_size)
         self.inputs = inputs
         self.metric = metric
-        self.reference = None if reference is None else [np.asarray(r) for r in reference]
-        self.calibration = calibration if calibration is not None else inputs
+        self.reference = None if reference is None else list(reference)
+        self._ref_session: Any = None
+        self._ref_limited: dict[int, list[Any]] = {}
+        self.calibration = self._data.calibration
         self.batch_size = batch_size
-        self.name = f"fidelity_{metric}"
+        if self._by_output is not None:
+            label = "+".join(f"{k}:{v if isinstance(v, str) else getattr(v, '__name__', 'metric')}" for k, v in self._by_output.items())
+        else:
+            label = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+        self.name = f"fidelity_{label}"
 
     @property
     def num_samples(self) -> int:
@@ -193,27 +242,37 @@ class FidelityEvaluator:
 
     def prepare(self, reference_session: Any) -> None:
         """Compute the reference outputs with the original model (once)."""
+        if self._by_output is not None and self._metric is None:
+            self._metric = per_output(self._by_output, [o.name for o in reference_session.get_outputs()])
         if self.reference is None:
-            self.reference = run_batched(reference_session, self.inputs, batch_size=self.batch_size)
+            self.reference = self._data.run(reference_session, None)
+            self._ref_session = reference_session
 
     def __call__(self, session: Any, *, limit: int | None = None) -> float:
-        if self.reference is None:
+        if self.reference is None or self._metric is None:
             raise ConfigError("FidelityEvaluator has no reference outputs: call prepare(original_session) first")
-        outs = run_batched(session, self.inputs, limit=limit, batch_size=self.batch_size)
-        scores = []
-        for got, ref in zip(outs, self.reference):
-            ref = ref[: len(got)]
-            if got.shape != ref.shape:
-                raise CandidateError(f"candidate output shape {got.shape} differs from the original's {ref.shape}")
-            if self.metric == "top1":
-                scores.append(float((got.argmax(-1) == ref.argmax(-1)).mean()))
+        outs = self._data.run(session, limit)
+        ref = self.reference
+        if limit is not None and limit < self.num_samples:
+            if self._ref_session is not None:  # the original on the same subset (outputs need not batch on axis 0)
+                if limit not in self._ref_limited:
+                    self._ref_limited[limit] = self._data.run(self._ref_session, limit)
+                ref = self._ref_limited[limit]
             else:
-                g = got.reshape(len(got), -1).astype(np.float64)
-                r = ref.reshape(len(ref), -1).astype(np.float64)
-                denom = np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1)
-                cos = np.where(denom > 0, (g * r).sum(1) / np.maximum(denom, 1e-30), 1.0)
-                scores.append(float(cos.mean()))
-        return min(scores)
+                ref = [r[: len(o)] for r, o in zip(ref, outs)]
+        try:
+            return float(self._metric(outs, ref))
+        except (CandidateError, ConfigError):
+            raise
+        except Exception as exc:
+            raise ConfigError(f"metric {self.name[len('fidelity_'):]!r} failed: {type(exc).__name__}: {exc}") from exc
 
     def calibration_feeds(self, n: int, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        return _calibration(self.calibration, n, input_names)
+        return self._data.calibration_feeds(n, input_names)
+
+
+def default_evaluator(model: Any, *, n: int = 64) -> FidelityEvaluator:
+    """The score used when none is given: scaled-cosine fidelity on ``n`` random feeds (seeds 0..n-1)."""
+    from autosearch.model import random_feed
+
+    return FidelityEvaluator([random_feed(model, seed=s) for s in range(n)], metric="scaled_cosine")

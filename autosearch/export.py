@@ -426,16 +426,12 @@ def _rebuild_problem(study: Any, base_path: Path | None, notes: list[str]) -> tu
         notes.append(f"accuracy not re-measured: the study's model or data cannot be loaded again ({exc})")
         return None, None
     if evaluator is None and base_path is not None:
-        # the search's own default: cosine fidelity on 64 random inputs (seeds 0..63)
+        # the search's own default: fidelity on 64 random inputs (seeds 0..63)
         import onnx
 
-        from autosearch.evaluate import FidelityEvaluator
-        from autosearch.model import random_feed
+        from autosearch.evaluate import default_evaluator
 
-        proto = onnx.load(str(base_path))
-        feeds = [random_feed(proto, seed=s) for s in range(64)]
-        rnd = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
-        evaluator = FidelityEvaluator(rnd, metric="cosine")
+        evaluator = default_evaluator(onnx.load(str(base_path)))
     return evaluator, example
 
 

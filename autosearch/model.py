@@ -29,7 +29,7 @@ from autosearch.errors import CandidateError, ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SourceModel", "export_onnx", "import_model", "load_onnx"]
+__all__ = ["SourceModel", "export_onnx", "import_model", "load_onnx", "normalize_onnx", "opset_of", "upgrade_opset"]
 
 _OPSET = 17
 
@@ -54,11 +54,112 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         ) from None
     if len(model.graph.node) == 0:
         raise ConfigError(f"{str(p)!r} holds no ONNX graph (0 nodes): is it really an .onnx file?")
+    _check(model, repr(str(p)))
+    return model
+
+
+def _check(model: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(model)
+    except ValueError as exc:
+        if "2GB" not in str(exc) and "2 GB" not in str(exc):
+            raise ConfigError(f"{what} fails onnx.checker: {exc}") from None
     except Exception as exc:
-        raise ConfigError(f"{str(p)!r} fails onnx.checker: {exc}") from None
-    return model
+        raise ConfigError(f"{what} fails onnx.checker: {str(exc)[:600]}") from None
+
+
+_FLOAT_ELEMS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def normalize_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """What real exporters write, made into what the quantizers and the search expect.
+
+    - Floating-point ``Constant`` nodes of the main graph (old exporters keep every weight in
+      one) become initializers: ONNX Runtime's quantizers only take weights that are initializers.
+    - ``dim_value`` of ``-1`` or ``0`` on a graph input or output (a common spelling of a free
+      dimension) becomes a named free dimension.
+
+    Returns a normalised copy and one note per kind of change (empty when nothing changed).
+    The opset is left as it is; :func:`upgrade_opset` raises it when a setting needs it.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    notes: list[str] = []
+    g = out.graph
+    moved = 0
+    keep: list[onnx.NodeProto] = []
+    outputs = {o.name for o in g.output}
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1 \
+                and node.output[0] not in outputs:
+            attr = {a.name: a for a in node.attribute}
+            if "value" in attr and attr["value"].t.data_type in _FLOAT_ELEMS:
+                t = onnx.TensorProto()
+                t.CopyFrom(attr["value"].t)
+                t.name = node.output[0]
+                g.initializer.append(t)
+                moved += 1
+                continue
+        keep.append(node)
+    if moved:
+        g.ClearField("node")
+        g.node.extend(keep)
+        notes.append(f"moved {moved} floating-point Constant node(s) to initializers (weights kept in Constant nodes)")
+    seen: set[str] = set()
+    renamed = 0
+    for k, node in enumerate(g.node):  # the quantizers address nodes by name: every node gets a unique one
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{k}"
+            name, j = base, 0
+            while name in seen:
+                j += 1
+                name = f"{base}_{j}"
+            node.name = name
+            renamed += 1
+        seen.add(node.name)
+    if renamed:
+        notes.append(f"named {renamed} node(s) that had no (or a repeated) name")
+    fixed = 0
+    for vi in list(g.input) + list(g.output):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.Clear()
+                d.dim_param = f"{vi.name}_dim{k}"
+                fixed += 1
+    if fixed:
+        notes.append(f"{fixed} input/output dimension(s) written as -1 or 0 taken as free dimensions")
+    return out, notes
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """``model`` at opset ``version`` or higher (unchanged when already there), by ``onnx.version_converter``.
+
+    Per-channel QDQ needs opset 13 (the ``axis`` of ``DequantizeLinear``); old exporters write 9-12.
+
+    Raises:
+        CandidateError: the converter cannot upgrade this graph (the message names the op).
+    """
+    have = opset_of(model)
+    if have >= version:
+        return model
+    from onnx import version_converter
+
+    try:
+        up = version_converter.convert_version(model, version)
+        onnx.checker.check_model(up)
+    except Exception as exc:
+        raise CandidateError(
+            f"this setting needs opset {version} and onnx.version_converter could not upgrade the model from opset "
+            f"{have}: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
+    return up
 
 
 def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -166,11 +267,25 @@ class SourceModel:
     origin: str = "onnx"
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    batchable: bool = False
+    _upgraded: dict[int, onnx.ModelProto] = field(default_factory=dict, repr=False)
 
     def input_batch_fixed(self) -> int | None:
         """The fixed batch size of the first input, or ``None`` when it is symbolic."""
-        dim0 = self.onnx_model.graph.input[0].type.tensor_type.shape.dim[0]
+        dims = self.onnx_model.graph.input[0].type.tensor_type.shape.dim if self.onnx_model.graph.input else []
+        if not dims:
+            return 1
+        dim0 = dims[0]
         return dim0.dim_value if dim0.HasField("dim_value") and dim0.dim_value > 0 else None
+
+    def at_opset(self, version: int) -> onnx.ModelProto:
+        """The float model at opset ``version`` or higher (converted once, then kept)."""
+        if opset_of(self.onnx_model) >= version:
+            return self.onnx_model
+        if version not in self._upgraded:
+            self._upgraded[version] = upgrade_opset(self.onnx_model, version)
+        return self._upgraded[version]
 
     def save(self, path: str | Path) -> Path:
         """Write the float ONNX to ``path``."""
@@ -217,7 +332,7 @@ def check_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, what: str
                 f"{what} {vi.name!r} has dtype {arr.dtype}, the model expects {np.dtype(want).name}: "
                 f"convert it with .astype(np.{np.dtype(want).name})"
             )
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
         bad = len(dims) != arr.ndim or any(d is not None and d != s for d, s in zip(dims, arr.shape))
         if bad:
             shown = ["?" if d is None else d for d in dims]
@@ -270,26 +385,57 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
     else:
         if isinstance(model, onnx.ModelProto):
             proto = model
-            onnx.checker.check_model(proto)
+            _check(proto, "the ONNX model")
+            what = "the ONNX model"
         elif isinstance(model, (str, Path)):
             proto = load_onnx(model)
+            what = repr(str(model))
         else:
             raise ConfigError(
                 f"model must be a torch.nn.Module, an .onnx path or an onnx.ModelProto, got {type(model).__name__}"
             )
+        proto, notes = normalize_onnx(proto)
+        if not graph_inputs(proto):
+            raise ConfigError(f"{what} has no graph input (every input is an initializer): there is nothing to feed it")
         if example_inputs is None:
             feed = random_feed(proto)
-        elif isinstance(example_inputs, dict):
+        elif isinstance(example_inputs, Mapping):
             feed = {k: np.asarray(v) for k, v in example_inputs.items()}
+        elif isinstance(example_inputs, Sequence) and example_inputs and isinstance(example_inputs[0], Mapping):
+            feed = {k: np.asarray(v) for k, v in example_inputs[0].items()}  # a list of feeds: the first one
         else:
             arrays = [np.asarray(getattr(x, "numpy", lambda x=x: x)()) for x in _as_tuple_np(example_inputs)]
             feed = {vi.name: a for vi, a in zip(graph_inputs(proto), arrays)}
         check_feed(proto, feed, what="example input")
-        src = SourceModel(proto, feed, origin="onnx")
+        src = SourceModel(proto, feed, origin="onnx", notes=notes)
     src.fingerprint = _fingerprint(src.onnx_model)
     src.input_names = [i.name for i in graph_inputs(src.onnx_model)]
     src.output_names = [o.name for o in src.onnx_model.graph.output]
+    src.batchable = _batchable(src)
     return src
+
+
+def _batchable(src: SourceModel) -> bool:
+    """Whether calibration may join samples on axis 0 (checked by running the float model)."""
+    import onnxruntime as ort
+
+    from autosearch.feeds import can_batch
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(src.onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ConfigError(f"ONNX Runtime cannot load the model: {str(exc)[:500]}") from None
+    try:
+        sess.run(None, src.example_feed)
+    except Exception as exc:
+        raise ConfigError(
+            f"ONNX Runtime fails on the example input ({', '.join(f'{k}: {list(v.shape)} {v.dtype}' for k, v in src.example_feed.items())}): "
+            f"{str(exc)[:400]}; pass example_inputs (a dict by input name) the model runs on"
+        ) from None
+    return can_batch(sess, [src.example_feed])
 
 
 def _as_tuple_np(x: Any) -> tuple[Any, ...]:

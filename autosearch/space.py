@@ -223,12 +223,24 @@ class SearchSpace:
         if sname not in SAMPLERS:
             raise ConfigError(f"'sampler.name'{_where(source)} is {sname!r}; allowed: {', '.join(SAMPLERS)}")
         strategy = dict(data.get("strategy") or {})
-        strat_allowed = {"analysis": bool, "sensitivity_samples": int, "warm_start_budgets": list, "remeasure_front": bool, "narrow": bool}
+        strat_allowed: dict[str, Any] = {"analysis": bool, "sensitivity_samples": int, "warm_start_budgets": list,
+                                         "remeasure_front": bool, "narrow": bool, "analysis_budget": (float, int, type(None)),
+                                         "bits_sensitivity": str}
         for key, val in strategy.items():
             if key not in strat_allowed:
                 raise ConfigError(f"unknown key 'strategy.{key}'{_where(source)}; allowed: {', '.join(strat_allowed)}")
-            if not isinstance(val, strat_allowed[key]):
-                raise ConfigError(f"'strategy.{key}'{_where(source)} must be a {strat_allowed[key].__name__}, got {val!r}")
+            if not isinstance(val, strat_allowed[key]) or isinstance(val, bool) and strat_allowed[key] is not bool:
+                kind = strat_allowed[key].__name__ if isinstance(strat_allowed[key], type) else "number or null"
+                raise ConfigError(f"'strategy.{key}'{_where(source)} must be a {kind}, got {val!r}")
+        budget_frac = strategy.get("analysis_budget", 0.25)
+        if budget_frac is not None and not 0 < float(budget_frac) < 1:
+            raise ConfigError(f"'strategy.analysis_budget'{_where(source)} is {budget_frac!r}: a fraction of the search's "
+                              "wall time in (0, 1), e.g. 0.25, or null for no bound")
+        if strategy.get("bits_sensitivity", "auto") not in ("auto", "measure", "estimate"):
+            raise ConfigError(f"'strategy.bits_sensitivity'{_where(source)} is {strategy['bits_sensitivity']!r}; allowed: "
+                              "auto (measure per unit when it fits the analysis budget), measure, estimate (one pass)")
+        strategy.setdefault("analysis_budget", 0.25)  # the analysis may take this fraction of the search's wall time
+        strategy.setdefault("bits_sensitivity", "auto")
         strategy.setdefault("analysis", True)
         strategy.setdefault("sensitivity_samples", 150)
         strategy.setdefault("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])  # x max_accuracy_drop
@@ -296,6 +308,8 @@ class SearchSpace:
             d.pop(k, None)
         # options left at their default are left out, so a new option does not orphan older studies
         d["quantization"] = {k: v for k, v in d["quantization"].items() if v != [QUANT_DEFAULTS.get(k)]}
+        # how much analysis to run does not change what a trial means
+        d["strategy"] = {k: v for k, v in d["strategy"].items() if k not in ("analysis", "analysis_budget", "bits_sensitivity")}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

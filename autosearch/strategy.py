@@ -103,17 +103,34 @@ def narrowed_options(
     if not feasible:
         return {}, []
     best = feasible[0]
+    if best["speedup"] < 1.0:
+        return {}, []  # never lock the sampler into a setting slower than the float model
     fixed: dict[str, Any] = {}
     why: list[str] = []
     for opt, choices in space.quantization.items():
         if len(choices) < 2 or opt not in best["quant"]:
             continue
         others: dict[Any, Mapping[str, Any] | None] = {}
+        unsettled = False
         for val in choices:
-            if val != best["quant"][opt]:
+            if val == best["quant"][opt]:
+                continue
+            # like for like first: the variants that differ from the best in this option alone
+            like = [u for u in uniform if u["quant"].get(opt) == val and all(
+                u["quant"][k] == v for k, v in best["quant"].items() if k != opt and k in u["quant"])]
+            with_val = [u for u in like if u in feasible]
+            if not with_val and any("error" not in u for u in like):
+                unsettled = True  # built, and below the floor only as a uniform model
+                break
+            if not with_val:  # not built like for like (or it failed): any feasible variant with the value
                 with_val = [u for u in feasible if u["quant"].get(opt) == val]
-                others[val] = max(with_val, key=lambda u: u["speedup"]) if with_val else None
-        if not others or any(u is not None and u["speedup"] >= slower * best["speedup"] for u in others.values()):
+            if not with_val:
+                # never built, or built and below the floor only as a *uniform* model: a per-layer mix
+                # with this value was never measured, so nothing rules it out
+                unsettled = True
+                break
+            others[val] = max(with_val, key=lambda u: u["speedup"])
+        if unsettled or not others or any(u["speedup"] >= slower * best["speedup"] for u in others.values() if u):
             continue
         ratios = {v: (None if u is None else u["speedup"] / best["speedup"]) for v, u in others.items()}
         if confirm is not None:
@@ -123,7 +140,7 @@ def narrowed_options(
             if any(r is not None and r >= slower for r in ratios.values()):
                 continue
         fixed[f"quant.{opt}"] = best["quant"][opt]
-        alt = ", ".join(f"{v} never feasible" if r is None else f"{v} at {r:.2f}x its speed" for v, r in ratios.items())
+        alt = ", ".join(f"{v} measured at {r:.2f}x its speed" for v, r in ratios.items() if r is not None)
         why.append(f"quant.{opt}={best['quant'][opt]} ({alt})")
     return fixed, why
 
@@ -187,6 +204,78 @@ def _uniform_variants(space: SearchSpace) -> list[dict[str, Any]]:
     return out
 
 
+def _secs(s: float) -> str:
+    """``0.4 s``, ``12 s``, ``3.5 min``, ``1.2 h``."""
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 120:
+        return f"{s:.0f} s"
+    return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _ordered_variants(jobs: list[tuple[str, Candidate]], space: SearchSpace) -> list[tuple[str, Candidate]]:
+    """Uniform variants in the order a budget should take them: per mode (the space's order), the
+    space's first choices first, then those that change one option, two, ..."""
+    modes = list(space.quantization.get("mode", ("static",)))
+
+    def rank(job: tuple[str, Candidate]) -> tuple[int, int]:
+        q = dict(job[1].quant)
+        first = space.quant_first(mode=q.get("mode", "static"))
+        changed = sum(1 for k, v in q.items() if first.get(k) != v)
+        return changed, modes.index(q.get("mode", "static")) if q.get("mode", "static") in modes else 0
+
+    return sorted(jobs, key=rank)
+
+
+def _estimate_bits(
+    rows: dict[tuple[str, str], dict[str, Any]],
+    members: dict[tuple[str, str], list[str]],
+    bits_jobs: Sequence[tuple[str, str, Any]],
+    source: SourceModel,
+    space: SearchSpace,
+    units: SpaceUnits,
+    uniform: Sequence[Mapping[str, Any]],
+    best_quant: Mapping[str, Any] | None,
+    base_accuracy: float,
+    built_path: Callable[[Candidate], Path | None] | None,
+    calibration: Sequence[dict[str, np.ndarray]],
+) -> bool:
+    """Fill ``drop@8`` of the bits rows from one pass over the uniform int8 model (see
+    :mod:`autosearch.sensitivity`); ``False`` when there is no such model to read."""
+    from autosearch.analysis import node_unit_map, op_groups
+    from autosearch.build import activation_bytes
+    from autosearch.sensitivity import estimated_drops, noise_by_unit
+
+    if best_quant is None or built_path is None or not calibration:
+        return False
+    meas = next((u for u in uniform if u.get("quant") == dict(best_quant) and "error" not in u), None)
+    path = built_path(Candidate(bits=space.uniform_bits(units.bits, 8), quant=dict(best_quant)))
+    if meas is None or path is None or not Path(path).exists():
+        return False
+    by_module = source.origin == "torch"
+    mapping = node_unit_map(source.onnx_model, by_module=by_module, known_units=units.bits)
+    if not by_module:
+        from autosearch.build import _onnx_unit
+
+        mapping = {n: u for n, u in ((n, _onnx_unit(n, units.bits)) for n in mapping) if u}
+    mapping.update(op_groups(source.onnx_model, dict(mapping)))
+    n_feeds = int(max(1, min(8, (256 << 20) // max(activation_bytes(source), 1))))
+    try:
+        contrib = noise_by_unit(source.onnx_model, path, calibration[:n_feeds], mapping)
+    except Exception:  # a graph ORT cannot expose tensors of: fall back to measuring
+        return False
+    total = max(0.0, base_accuracy - float(meas["accuracy"]))
+    drops = estimated_drops(contrib, total)
+    for knob, key, val in bits_jobs:
+        mem = members[(knob, key)]
+        if val == 8:
+            rows[(knob, key)]["drop@8"] = float(sum(drops.get(m, 0.0) for m in mem))
+        elif val == 16:  # 8 more bits: noise power 2^16 lower
+            rows[(knob, key)]["drop@16"] = float(sum(drops.get(m, 0.0) for m in mem)) / 65536
+        rows[(knob, key)]["drop_estimated"] = True
+    return True
+
+
 def _progress(i: int, n: int, label: str, t0: float, say: Callable[[str], None]) -> None:
     width = 24
     done = int(width * i / max(n, 1))
@@ -205,6 +294,9 @@ def analyze(
     score_subset: Callable[[Candidate], float],
     threads: int = 1,
     say: Callable[[str], None] = print,
+    n_trials: int | None = None,
+    built_path: Callable[[Candidate], Path | None] | None = None,
+    calibration: Sequence[dict[str, np.ndarray]] = (),
 ) -> Analysis:
     """Measure latency shares, uniform int8 variants and per-unit sensitivity.
 
@@ -219,6 +311,15 @@ def analyze(
         score_subset: Build + score on a subset only (sensitivity).
         threads: Target threads for profiling.
         say: Where progress goes.
+        n_trials: Trials the search will run (sizes the budget ``strategy.analysis_budget``).
+        built_path: Where ``measure`` left a candidate's ONNX file (for the one-pass estimate).
+        calibration: Calibration feeds (a few feed the one-pass estimate).
+
+    The analysis keeps to ``strategy.analysis_budget`` (default 0.25) of the search's wall time,
+    estimated from the first build: it prints the estimate before it goes on, measures the
+    uniform variants first, then the int8 sensitivity per unit when that fits (else estimates it
+    in one pass from every tensor's quantization noise, :mod:`autosearch.sensitivity`), then the
+    structural sensitivity, largest latency share first, while the budget lasts.
     """
     t0 = time.perf_counter()
     by_module = source.origin == "torch"
@@ -277,11 +378,27 @@ def analyze(
                 if (knob == "bits" and val == 32) or (knob == "prune" and val == 0) or (knob == "rank" and val >= 1):
                     continue
                 sens_jobs.append((knob, key, val))
+    jobs = _ordered_variants(jobs, space)
     n = len(jobs) + len(sens_jobs)
     i = 0
     best_quant: dict[str, Any] | None = None
-    for label, cand in jobs:
+    frac = space.strategy.get("analysis_budget", 0.25)
+    budget_s: float | None = None
+    per_build = 0.0
+    skipped: list[str] = []
+
+    def spent() -> float:
+        return time.perf_counter() - t0
+
+    def affordable(cost: float) -> bool:
+        return budget_s is None or spent() + cost <= budget_s
+
+    for k, (label, cand) in enumerate(jobs):
+        if k >= 1 and not affordable(per_build) or (k >= 2 and budget_s is not None and spent() > 0.5 * budget_s):
+            skipped.append(f"{len(jobs) - k} uniform variant(s)")
+            break
         _progress(i, n, label, t0, say)
+        t_job = time.perf_counter()
         try:
             rec = measure(cand)
             uniform.append({"quant": dict(cand.quant), "accuracy": rec["accuracy"], "latency_ms": rec["latency_ms"],
@@ -289,11 +406,43 @@ def analyze(
         except CandidateError as exc:
             uniform.append({"quant": dict(cand.quant), "error": str(exc)[:200]})
         i += 1
+        if k == 0:
+            per_build = max(time.perf_counter() - t_job, 1e-3)
+            est = per_build * n
+            if frac is not None and n_trials:
+                search_s = per_build * n_trials
+                budget_s = max(frac / (1 - frac) * search_s, per_build)
+            say(f"\r[analysis] {n} builds planned at ~{_secs(per_build)} each: ~{_secs(est)}"
+                + (f"; budget {_secs(budget_s)} ({frac:.0%} of a ~{_secs(search_s + budget_s)} search of {n_trials} trials, "
+                   "strategy.analysis_budget)" if budget_s is not None else "; no budget (strategy.analysis_budget: null)")
+                + (": over it, so the int8 sensitivity may be estimated in one pass and the rest cut" if budget_s is not None
+                   and est > budget_s else "") + "\n")
     ok = ranked_uniform(uniform, None)
     if ok:
         floor = base_accuracy - (space.max_accuracy_drop if space.max_accuracy_drop is not None else 1.0)
         best_quant = dict((ranked_uniform(uniform, floor) or ok)[0]["quant"])
-    for knob, unit, val in sens_jobs:
+    bits_jobs = [j for j in sens_jobs if j[0] == "bits"]
+    other_jobs = [j for j in sens_jobs if j[0] != "bits"]
+    mode = space.strategy.get("bits_sensitivity", "auto")
+    estimate = bits_jobs and (mode == "estimate" or mode == "auto" and not affordable(0.6 * per_build * len(bits_jobs)))
+    if estimate:
+        done = _estimate_bits(rows, members, bits_jobs, source, space, units, uniform, best_quant, base_accuracy,
+                              built_path, calibration)
+        n -= len(bits_jobs) - 1
+        _progress(i, n, "int8 sensitivity, one pass", t0, say)
+        i += 1
+        if done:
+            bits_jobs = []
+        else:
+            skipped.append("int8 sensitivity (no uniform int8 model to estimate it from)")
+            bits_jobs = []
+    # structural values by descending latency share: the budget goes where the time is
+    other_jobs.sort(key=lambda j: -float(rows[(j[0], j[1])].get("latency_share", 0.0)))
+    todo = bits_jobs + other_jobs
+    for k, (knob, unit, val) in enumerate(todo):
+        if not affordable(0.6 * per_build):
+            skipped.append(f"{len(todo) - k} sensitivity build(s)")
+            break
         _progress(i, n, f"{knob} {unit}={val}", t0, say)
         setting = {m: val for m in members[(knob, unit)]}
         if knob == "bits":
@@ -319,6 +468,9 @@ def analyze(
                 retry.append((knob, unit, mild))
     n += len(retry)
     for knob, unit, val in retry:
+        if not affordable(per_build):
+            skipped.append("distilled re-scores")
+            break
         _progress(i, n, f"{knob} {unit}={val} distilled", t0, say)
         cand = Candidate(**{knob: {m: val for m in members[(knob, unit)]}}, recovery=rec_max)  # type: ignore[arg-type]
         try:
@@ -326,6 +478,9 @@ def analyze(
         except CandidateError:
             rows[(knob, unit)][f"drop_distilled@{val}"] = None
         i += 1
+    if skipped:
+        say(f"\r[analysis] budget reached after {_secs(spent())}: skipped " + ", ".join(skipped)
+            + " (raise strategy.analysis_budget, or set it to null, for a fuller analysis)\n")
     _progress(n, n, "done", t0, say)
     say("\n")
     # estimated latency factor of each knob value

@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import optuna
 
 from autosearch.analysis import quant_units
 from autosearch.build import build_candidate
 from autosearch.candidate import Candidate, SpaceUnits, candidate_params, sample_candidate
 from autosearch.errors import CandidateError, ConfigError, StudyMismatchError
-from autosearch.evaluate import Evaluator, FidelityEvaluator
-from autosearch.model import SourceModel, import_model, random_feed
+from autosearch.evaluate import Evaluator, FidelityEvaluator, default_evaluator
+from autosearch.model import SourceModel, import_model
 from autosearch.space import OBJECTIVES, SearchSpace, load_space
 from autosearch.target import Target
 
@@ -98,11 +99,52 @@ def discover_units(source: SourceModel, space: SearchSpace) -> tuple[SpaceUnits,
         spec = space.knobs.get(knob)
         return tuple(n for n in names if spec is not None and spec.applies(n))
 
+    inner = _subgraph_weighted(source.onnx_model)
+    if inner and "bits" in space.knobs:
+        notes.append(f"{inner} weighted node(s) inside If/Loop/Scan subgraphs stay float: ONNX Runtime's quantizer "
+                     "does not reach into subgraphs")
     units = SpaceUnits(bits=keep("bits", bits), prune=keep("prune", prune), rank=keep("rank", rank))
     for knob in space.knobs:
         if not units.of(knob) and not any(knob in n for n in notes):
             notes.append(f"knob {knob!r}: no unit of this model matches its include/exclude patterns")
     return units, notes
+
+
+def _subgraph_weighted(model: onnx.ModelProto) -> int:
+    """Conv/MatMul/Gemm nodes inside subgraphs (If branches, Loop bodies), at any depth."""
+    def count(graph: onnx.GraphProto, top: bool) -> int:
+        n = 0
+        for node in graph.node:
+            if not top and node.op_type in ("Conv", "MatMul", "Gemm"):
+                n += 1
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    n += count(a.g, False)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    n += sum(count(g, False) for g in a.graphs)
+        return n
+
+    return count(model.graph, True)
+
+
+def no_units_reason(source: SourceModel, space: SearchSpace) -> str:
+    """Why a model has nothing to search, and what to do about it (one line)."""
+    g = source.onnx_model.graph
+    inits = {t.name for t in g.initializer}
+    weighted = [n for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    computed = [n for n in weighted if len(n.input) > 1 and n.input[1] not in inits]
+    sub = sum(1 for n in g.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS))
+    if not weighted:
+        why = "it has no Conv, MatMul or Gemm node in its main graph" + (f" ({sub} node(s) hold subgraphs)" if sub else "")
+    elif computed:
+        why = (f"{len(computed)} of its {len(weighted)} Conv/MatMul/Gemm nodes take a weight computed at run time, not a "
+               f"constant (e.g. {computed[0].name!r} from {computed[0].input[1]!r}), and the others match no knob's include patterns")
+    else:
+        why = f"none of its {len(weighted)} weighted nodes matches the include/exclude patterns of the space's knobs"
+    where = space.source or space.name
+    return (f"nothing to search in this model: {why}. Check the knobs' include/exclude patterns in {where} "
+            "(`autosearch analyze --model ...` lists the units), or fold computed weights into constants "
+            "(e.g. onnxruntime.quantization.shape_inference.quant_pre_process)")
 
 
 class Study:
@@ -296,15 +338,19 @@ def search(
     tgt = target or Target(lock_path=str(studies_dir / ".profile.lock"))
     source = import_model(model, example_inputs)
     if evaluator is None:
-        say("[autosearch] no evaluator given: scoring by cosine fidelity to the original on 64 random inputs")
-        rnd = {k: np.concatenate([random_feed(source.onnx_model, seed=s)[k] for s in range(64)]) for k in source.input_names}
-        evaluator = FidelityEvaluator(rnd, metric="cosine")
+        say("[autosearch] no evaluator given: scoring by fidelity to the original (scaled cosine) on 64 random inputs; "
+            "random inputs rarely look like real data: pass an evaluator with your samples")
+        evaluator = default_evaluator(source.onnx_model)
     if not isinstance(evaluator, Evaluator):
         raise ConfigError("evaluator must be callable as evaluator(session, limit=None) -> float with calibration_feeds(); "
                           "use LabelledEvaluator or FidelityEvaluator")
+    for n in source.notes:
+        say(f"[autosearch] import: {n}")
     units, notes = discover_units(source, sp)
     for n in notes:
         say(f"[autosearch] {n}")
+    if not (units.bits or units.prune or units.rank):
+        raise ConfigError(no_units_reason(source, sp))
     url = storage or default_storage(study_name, studies_dir)
     stor = _storage(url)
     directions = [OBJECTIVES[o] for o in sp.objectives]
@@ -369,8 +415,8 @@ def search(
     def measure_cached(cand: Candidate) -> dict[str, Any]:
         cdir = study_dir / "candidates" / cand.key(source.fingerprint)
         mfile = cdir / "metrics.json"
-        if mfile.exists():
-            rec = json.loads(mfile.read_text())
+        if mfile.exists() and _read_json(mfile):
+            rec = _read_json(mfile)
             if "error" in rec:
                 raise CandidateError(rec["error"])
             return rec
@@ -378,16 +424,17 @@ def search(
             rec = _measure(cand, cdir, source, units, calibration, evaluator, tgt, None, base_lat.median_ms)
         except CandidateError as exc:
             cdir.mkdir(parents=True, exist_ok=True)
-            mfile.write_text(json.dumps({"error": str(exc)}))
+            _write_json(mfile, {"error": str(exc)})
             raise
-        mfile.write_text(json.dumps(rec, default=float))
+        _write_json(mfile, rec)
         return rec
 
     if n_before == 0:
         warm = _warm_start(sp, units)
         if sp.strategy.get("analysis", True) and (units.bits or units.prune or units.rank):
             warm += _analysis_warm_start(
-                ost, sp, units, source, evaluator, calibration, tgt, base_path, base_acc, base_lat.median_ms, measure_cached, say
+                ost, sp, units, source, evaluator, calibration, tgt, base_path, base_acc, base_lat.median_ms, measure_cached, say,
+                n_trials=n_trials if n_trials else sp.n_trials, ost_dir=study_dir,
             )
         cached = ost.user_attrs.get("analysis")
         hopeless: dict[str, Any] = {}
@@ -400,8 +447,12 @@ def search(
             params = candidate_params(cand, sp, units)
             if any(k in params and params[k] != v for k, v in hopeless.items()):
                 continue  # a structural value the analysis showed cannot meet the floor
+            measured = study_dir / "candidates" / cand.key(source.fingerprint) / "metrics.json"
+            if measured.exists() and "error" in _read_json(measured):
+                continue  # the analysis built it and it failed: no trial to spend on it
             if params:
-                ost.enqueue_trial(params, skip_if_exists=True)
+                with _quiet_optuna():  # "already exists. Skipping enqueue." is not news
+                    ost.enqueue_trial(params, skip_if_exists=True)
         if sp.strategy.get("narrow", True) and cached:
 
             def confirm(best_q: Mapping[str, Any], other_q: Mapping[str, Any]) -> float | None:
@@ -437,8 +488,8 @@ def search(
         cdir = study_dir / "candidates" / key
         trial.set_user_attr("onnx_path", str(cdir / "model.onnx"))
         metrics_file = cdir / "metrics.json"
-        if metrics_file.exists():
-            rec = json.loads(metrics_file.read_text())
+        if metrics_file.exists() and _read_json(metrics_file):
+            rec = _read_json(metrics_file)
             if "error" in rec:
                 trial.set_user_attr("fail_reason", rec["error"])
                 raise CandidateError(rec["error"])
@@ -449,9 +500,9 @@ def search(
             except CandidateError as exc:
                 trial.set_user_attr("fail_reason", str(exc))
                 cdir.mkdir(parents=True, exist_ok=True)
-                metrics_file.write_text(json.dumps({"error": str(exc)}))
+                _write_json(metrics_file, {"error": str(exc)})
                 raise
-            metrics_file.write_text(json.dumps(rec, default=float))
+            _write_json(metrics_file, rec)
         for k, v in rec.items():
             trial.set_user_attr(k, v)
         acc = rec["accuracy"]
@@ -522,6 +573,23 @@ def remeasure_front(study: Study, tgt: Target, feed: Mapping[str, np.ndarray], b
     return rec
 
 
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write a metrics record atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(data), default=float))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A metrics record; an unreadable one (a write cut short) counts as absent."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _floor(sp: SearchSpace, base_acc: float) -> float | None:
     floors = []
     if sp.max_accuracy_drop is not None:
@@ -568,6 +636,9 @@ def _analysis_warm_start(
     base_latency: float,
     measure: Any,
     say: Any,
+    *,
+    n_trials: int | None = None,
+    ost_dir: Path = Path("studies"),
 ) -> list[Candidate]:
     """Run the analysis (cached in the study) and return warm-start candidates."""
     import shutil
@@ -595,6 +666,8 @@ def _analysis_warm_start(
             source, sp, units, base_path=base_path, base_accuracy=float(evaluator_subset_base(evaluator, tgt, base_path, n_sub)),
             base_latency_ms=base_latency, measure=measure, score_subset=score_subset, threads=tgt.threads,
             say=(lambda m: (sys.stdout.write(m), sys.stdout.flush())) if say is not _silent else _silent,
+            n_trials=n_trials or sp.n_trials, calibration=calibration,
+            built_path=lambda c: ost_dir / "candidates" / c.key(source.fingerprint) / "model.onnx",
         )
         best_quant = getattr(analysis, "best_quant", None)
         blob = analysis.to_json()

@@ -20,7 +20,7 @@ SPACE = {
     "recovery": {"calibration_samples": 64},
     "constraints": {"max_accuracy_drop": 0.02},
     "sampler": {"name": "nsga2", "seed": 0, "population_size": 4},
-    "strategy": {"sensitivity_samples": 100},
+    "strategy": {"sensitivity_samples": 100, "analysis_budget": None},  # the full scan, whatever it costs
 }
 
 
@@ -119,16 +119,34 @@ def test_measured_dead_ends_are_fixed_for_the_sampler() -> None:
         {"quant": {"mode": "dynamic", "per_channel": False}, "error": "failed"},
     ]
     fixed, why = narrowed_options(space, uniform, floor=0.97)
-    # per-channel static was below the floor and dynamic per-channel slow: per_channel=False is settled too
-    assert fixed == {"quant.mode": "static", "quant.activation_type": "uint8", "quant.per_channel": False}
-    assert any("dynamic at 0.13x" in w for w in why) and any("True at 0.13x" in w for w in why)
+    # per-channel static was below the floor only as a *uniform* model: a per-layer mix with it was
+    # never measured, so per_channel stays open; dynamic and int8 activations measured far slower
+    assert fixed == {"quant.mode": "static", "quant.activation_type": "uint8"}
+    assert any("dynamic measured at 0.13x" in w for w in why) and not any("never" in w for w in why)
     # a second, side-by-side timing that contradicts the analysis keeps the option open
     fixed2, _ = narrowed_options(space, uniform, floor=0.97, confirm=lambda best, other: 0.9 if other.get("activation_type") == "int8" else None)
-    assert fixed2 == {"quant.mode": "static", "quant.per_channel": False}
+    assert fixed2 == {"quant.mode": "static"}
     # nothing is fixed where alternatives are close, or where nothing is feasible
     uniform[2]["speedup"] = 1.6
     assert "quant.activation_type" not in narrowed_options(space, uniform, floor=0.97)[0]
     assert narrowed_options(space, uniform, floor=0.999) == ({}, [])
+
+
+def test_narrowing_never_locks_into_a_mode_it_did_not_measure_feasible() -> None:
+    """No uniform static variant met the floor, dynamic did but runs at a fraction of float speed:
+    the sampler must stay free to find partial static int8 mixes (they reached 1.2x on such a model)."""
+    from autosearch.strategy import narrowed_options
+
+    space = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}, "quantization": {
+        "mode": ["static", "dynamic"], "preprocess": [False, True]}})
+    uniform = [
+        {"quant": {"mode": "static", "preprocess": False}, "accuracy": 0.90, "speedup": 1.60},
+        {"quant": {"mode": "dynamic", "preprocess": False}, "accuracy": 0.99, "speedup": 0.30},
+    ]
+    assert narrowed_options(space, uniform, floor=0.97) == ({}, [])  # best feasible is slower than float
+    uniform[1]["speedup"] = 1.2
+    fixed, why = narrowed_options(space, uniform, floor=0.97)
+    assert "quant.mode" not in fixed and "quant.preprocess" not in fixed  # preprocess=True was never built
 
 
 def test_knapsack_sets_every_member_of_a_share_group() -> None:

@@ -114,7 +114,7 @@ def test_identical_candidates_are_not_rebuilt(mlp_onnx: Path, fast_target, tmp_p
 
 def test_fidelity_search_without_labels(mlp_onnx: Path, fast_target, tmp_path: Path) -> None:
     study = search(mlp_onnx, space=QUANT_SPACE, target=fast_target, study_name="nolabels", studies_dir=tmp_path, n_trials=3, verbose=False)
-    assert study.meta["evaluator"] == "fidelity_cosine"
+    assert study.meta["evaluator"] == "fidelity_scaled_cosine"
     assert study.baseline["accuracy"] == pytest.approx(1.0)
 
 
