@@ -16,7 +16,9 @@ and the search goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -178,14 +180,17 @@ def quantize_model(
         unit_of_weight = {n.input[1]: unit_of_node[n.name] for n in model.graph.node if n.name in unit_of_node and len(n.input) > 1}
         if options.get("preprocess"):
             pre = work / "pre.onnx"
-            try:  # symbolic shape inference first; it fails on most real models, so retry without
-                quant_pre_process(str(src), str(pre))
-            except Exception:
+            # symbolic shape inference first; it fails on most real models, so retry without. It leaves
+            # temporary files in the working directory when it fails: run it inside the work folder
+            with _cwd(work):
                 try:
-                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-                except Exception as exc:
-                    raise CandidateError(f"quant_pre_process failed (also with skip_symbolic_shape=True): "
-                                         f"{type(exc).__name__}: {str(exc)[:400]}") from exc
+                    quant_pre_process(str(src), str(pre))
+                except Exception:
+                    try:
+                        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+                    except Exception as exc:
+                        raise CandidateError(f"quant_pre_process failed (also with skip_symbolic_shape=True): "
+                                             f"{type(exc).__name__}: {str(exc)[:400]}") from exc
             src = pre
         graph = onnx.load(str(src))
         node_unit: dict[str, str] = {}
@@ -285,6 +290,16 @@ def quantize_model(
     finally:
         logging.disable(logging.NOTSET)
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def scope_all(options: dict[str, Any], mode: str) -> bool:

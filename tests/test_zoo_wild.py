@@ -164,3 +164,26 @@ def test_download_failure_is_a_config_error(tmp_path, monkeypatch: pytest.Monkey
     monkeypatch.setitem(wild._ENTRIES, "magika", replace(wild._ENTRIES["magika"], version="0.0.0.999"))
     with pytest.raises(ConfigError, match=r"could not download magika==0\.0\.0\.999 from PyPI .*pre-fill"):
         wild.fetch("magika")
+
+
+def test_preprocessing_a_real_model_leaves_nothing_in_the_working_folder(tmp_path, monkeypatch) -> None:
+    """ORT's symbolic shape inference fails on Magika and, failing, writes temporary files into the
+    current folder; the build runs it inside its own work folder."""
+    from autosearch.analysis import quant_units
+    from autosearch.build import build_candidate
+    from autosearch.candidate import Candidate
+    from autosearch.errors import CandidateError
+    from autosearch.model import import_model
+
+    wm, _ = _load("magika", 64)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    src = import_model(str(wm.path), wm.feeds[0])
+    units = [u.name for u in quant_units(src.onnx_model)]
+    try:
+        build_candidate(src, Candidate(bits={u: 8 for u in units}, quant={"mode": "static", "preprocess": True}),
+                        tmp_path / "q", bits_units=units, calibration=wm.calibration[:8])
+    except CandidateError:
+        pass  # the quantizer may refuse the pre-processed graph: a failed trial, not litter
+    assert list(work.iterdir()) == []
