@@ -115,6 +115,8 @@ class Candidate:
                 + (f" {act}" if mode == "static" else "")
                 + (" per-ch" if q.get("per_channel") else "")
                 + (" rr" if q.get("reduce_range") else "")
+                + (" weighted-ops" if mode == "static" and q.get("op_scope") == "weighted" else "")
+                + (" pre" if q.get("preprocess") else "")
             )
         else:
             parts.append("float")

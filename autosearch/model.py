@@ -71,11 +71,13 @@ def _check(model: onnx.ModelProto, what: str) -> None:
 _FLOAT_ELEMS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
-def normalize_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+def normalize_onnx(model: onnx.ModelProto, *, fold: bool = True) -> tuple[onnx.ModelProto, list[str]]:
     """What real exporters write, made into what the quantizers and the search expect.
 
     - Floating-point ``Constant`` nodes of the main graph (old exporters keep every weight in
       one) become initializers: ONNX Runtime's quantizers only take weights that are initializers.
+    - ``Conv`` -> ``BatchNormalization`` pairs are folded (``fold``; see :func:`_fold_batchnorm`).
+    - Nodes without a name (or with a repeated one) get one: the quantizers address nodes by name.
     - ``dim_value`` of ``-1`` or ``0`` on a graph input or output (a common spelling of a free
       dimension) becomes a named free dimension.
 
@@ -105,6 +107,11 @@ def normalize_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         g.ClearField("node")
         g.node.extend(keep)
         notes.append(f"moved {moved} floating-point Constant node(s) to initializers (weights kept in Constant nodes)")
+    folded = _fold_batchnorm(out) if fold else None
+    if folded is not None:
+        out, n_bn = folded
+        g = out.graph
+        notes.append(f"folded {n_bn} BatchNormalization node(s) into the Conv before each")
     seen: set[str] = set()
     renamed = 0
     for k, node in enumerate(g.node):  # the quantizers address nodes by name: every node gets a unique one
@@ -131,6 +138,69 @@ def normalize_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     if fixed:
         notes.append(f"{fixed} input/output dimension(s) written as -1 or 0 taken as free dimensions")
     return out, notes
+
+
+def _fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int] | None:
+    """Conv -> BatchNormalization pairs folded into the Conv's weight and bias (in place on ``model``).
+
+    ONNX Runtime fuses them when it runs the float model, but not once the Conv is wrapped in
+    Q/DQ nodes: an unfolded BatchNormalization (Paddle and training-mode exports keep them) then
+    runs in float between int8 layers and makes the int8 model slower than the float one.
+    ``W' = W * s``, ``b' = (b - mean) * s + B`` with ``s = scale / sqrt(var + eps)``, per output
+    channel. (``onnxoptimizer``'s ``fuse_bn_into_conv`` writes that arithmetic as graph nodes for a
+    Conv without bias, so the weight is no longer a constant the quantizers can take.) Only pairs
+    whose Conv output feeds the BatchNormalization alone and whose parameters are float32
+    initializers are folded. ``None`` when nothing was folded.
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    outputs = {o.name for o in g.output}
+    drop: set[int] = set()
+    new_inits: list[onnx.TensorProto] = []
+    for k, bn in enumerate(g.node):
+        if bn.op_type != "BatchNormalization" or len(bn.input) < 5 or len(bn.output) != 1 and any(bn.output[1:]):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or attrs.get("training_mode", 0) or uses.get(bn.input[0], 0) != 1 \
+                or bn.input[0] in outputs or len(conv.input) < 2:
+            continue
+        names = [conv.input[1], *(conv.input[2:3] if len(conv.input) > 2 and conv.input[2] else []), *bn.input[1:5]]
+        if any(n not in inits or inits[n].data_type != onnx.TensorProto.FLOAT for n in names):
+            continue
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
+            else np.zeros(w.shape[0])
+        scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        if scale.shape != (w.shape[0],):
+            continue
+        factor = scale / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+        w_name, b_name = f"{conv.input[1]}__bn_{k}", f"{conv.name}__bn_bias_{k}"
+        new_inits.append(numpy_helper.from_array((w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32), w_name))
+        new_inits.append(numpy_helper.from_array(((b - mean) * factor + beta).astype(np.float32), b_name))
+        x = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([x, w_name, b_name])
+        conv.output[0] = bn.output[0]
+        drop.add(k)
+    if not drop:
+        return None
+    kept = [n for k, n in enumerate(g.node) if k not in drop]
+    g.ClearField("node")
+    g.node.extend(kept)
+    g.initializer.extend(new_inits)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    still = [t for t in g.initializer if t.name in used]
+    g.ClearField("initializer")
+    g.initializer.extend(still)
+    return model, len(drop)
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -394,6 +464,7 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
             raise ConfigError(
                 f"model must be a torch.nn.Module, an .onnx path or an onnx.ModelProto, got {type(model).__name__}"
             )
+        original = proto
         proto, notes = normalize_onnx(proto)
         if not graph_inputs(proto):
             raise ConfigError(f"{what} has no graph input (every input is an initializer): there is nothing to feed it")
@@ -407,12 +478,37 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
             arrays = [np.asarray(getattr(x, "numpy", lambda x=x: x)()) for x in _as_tuple_np(example_inputs)]
             feed = {vi.name: a for vi, a in zip(graph_inputs(proto), arrays)}
         check_feed(proto, feed, what="example input")
+        if any(n.startswith("folded") for n in notes):
+            proto, notes = _keep_if_equal(original, proto, notes, feed)
         src = SourceModel(proto, feed, origin="onnx", notes=notes)
     src.fingerprint = _fingerprint(src.onnx_model)
     src.input_names = [i.name for i in graph_inputs(src.onnx_model)]
     src.output_names = [o.name for o in src.onnx_model.graph.output]
     src.batchable = _batchable(src)
     return src
+
+
+def _keep_if_equal(original: onnx.ModelProto, proto: onnx.ModelProto, notes: list[str],
+                   feed: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str]]:
+    """The normalised model if it computes what the original does on ``feed``, else the original
+    made to import without the rewrites that changed values (said in the notes)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        a = ort.InferenceSession(original.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
+        b = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
+        same = all(np.allclose(x, y, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(x).max()) if np.size(x) else 1.0))
+                   for x, y in zip(a, b) if np.issubdtype(np.asarray(x).dtype, np.floating))
+    except Exception:
+        same = False
+    if same:
+        return proto, notes
+    redo = onnx.ModelProto()
+    redo.CopyFrom(original)
+    plain, plain_notes = normalize_onnx(redo, fold=False)
+    return plain, [*plain_notes, "BatchNormalization left unfolded: the folded model's outputs differed"]
 
 
 def _batchable(src: SourceModel) -> bool:

