@@ -10,6 +10,7 @@ a unit is one node, named by the node's name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -283,15 +284,19 @@ def latency_by_unit(
     by_module: bool,
     threads: int = 1,
     runs: int = 50,
+    float_model: onnx.ModelProto | None = None,
 ) -> dict[str, float]:
     """Measured time per unit (ms per inference) from ONNX Runtime's node profiler.
 
     Node times after graph optimization are mapped back to units by node name
-    (fused nodes keep the name of the node they grew from); everything else is
-    reported under ``"(other)"``.
+    (fused nodes keep the name of the node they grew from; ``_token_N`` / ``_nchwc`` suffixes
+    are dropped); everything else is reported under ``"(other)"``. For a quantized model pass
+    the float graph it was made from as ``float_model``: its units name the nodes, and each
+    ``<tensor>_QuantizeLinear`` / ``_DequantizeLinear`` counts for the unit that produces the
+    tensor, so a unit's time includes its own quantize/dequantize work.
 
     Args:
-        model_path: The float ONNX file.
+        model_path: The ONNX file to profile (float, or quantized with ``float_model``).
         feed: One input batch.
         units: Unit names (bits-knob units).
         by_module: Whether node names carry torch module paths.
@@ -306,8 +311,14 @@ def latency_by_unit(
 
     known = sorted(set(units), key=len, reverse=True)
     model = onnx.load(model_path)
-    direct = node_unit_map(model, by_module=by_module, known_units=known)
-    direct.update(op_groups(model, dict(direct)))  # activation ops count for their unit, post-processing for post:*
+    names_from = float_model if float_model is not None else model
+    direct = node_unit_map(names_from, by_module=by_module, known_units=known)
+    if not by_module:
+        direct = {n: u for n, u in direct.items() if u in known} if float_model is not None else direct
+    direct.update(op_groups(names_from, dict(direct)))  # activation ops count for their unit, post-processing for post:*
+    tensor_unit = {o: direct[n.name] for n in names_from.graph.node if n.name in direct for o in n.output}
+    tensor_unit.update({i.name: direct[c.name] for c in names_from.graph.node if c.name in direct
+                        for i in names_from.graph.input if i.name in c.input})
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.enable_profiling = True
@@ -325,14 +336,18 @@ def latency_by_unit(
     totals: dict[str, float] = {}
     counted_runs = runs + 5
     producer = {out: node for node in model.graph.node for out in node.output}
-    weighted_ops = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "NhwcFusedConv"}
+    weighted_ops = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "NhwcFusedConv", "QLinearConv",
+                    "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 
     def resolve(name: str, op: str) -> str | None:
         if name in direct:
             return direct[name]
-        base = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
+        base = re.sub(r"(_token_\d+|_nchwc|_quant)+$", "", name)
         if base in direct:
             return direct[base]
+        for suffix in ("_QuantizeLinear", "_DequantizeLinear"):
+            if base.endswith(suffix) and base[: -len(suffix)] in tensor_unit:
+                return tensor_unit[base[: -len(suffix)]]
         if op not in weighted_ops:
             return None
         # optimized nodes are named after their output tensor: walk back to the weighted node

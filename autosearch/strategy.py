@@ -237,6 +237,32 @@ def _ordered_variants(jobs: list[tuple[str, Candidate]], space: SearchSpace) -> 
     return sorted(jobs, key=rank)
 
 
+def _int8_unit_times(
+    source: SourceModel,
+    space: SearchSpace,
+    units: SpaceUnits,
+    best_quant: Mapping[str, Any] | None,
+    built_path: Callable[[Candidate], Path | None] | None,
+    names: Sequence[str],
+    by_module: bool,
+    threads: int,
+) -> dict[str, float] | None:
+    """Per-unit milliseconds of the uniform int8 model (``None`` when it was not built, or when
+    its nodes mostly do not map back to units)."""
+    if best_quant is None or built_path is None or best_quant.get("preprocess"):
+        return None  # pre-processing renames and fuses nodes: the names no longer say the unit
+    path = built_path(Candidate(bits=space.uniform_bits(units.bits, 8), quant=dict(best_quant)))
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        ms = latency_by_unit(str(path), source.example_feed, units=names, by_module=by_module, threads=threads,
+                             runs=30, float_model=source.onnx_model)
+    except Exception:  # a profile that cannot be read: the uniform factor serves
+        return None
+    total = sum(ms.values())
+    return ms if total > 0 and ms.get("(other)", 0.0) <= 0.5 * total else None
+
+
 def _estimate_bits(
     rows: dict[tuple[str, str], dict[str, Any]],
     members: dict[tuple[str, str], list[str]],
@@ -507,6 +533,15 @@ def analyze(
     say("\n")
     # estimated latency factor of each knob value
     int8_speed = max((u["speedup"] for u in ok if u["quant"] == best_quant), default=1.0) if ok else 1.0
+    # measured per unit where it can be: the uniform int8 model profiled node by node, each node mapped back
+    # to its unit (its own quantize/dequantize work included): on a CPU where int8 is slower overall, the
+    # units it makes faster still show (depthwise convs slower, pointwise ones faster)
+    int8_ms = _int8_unit_times(source, space, units, best_quant, built_path, list(qunits), by_module, threads)
+    for (knob, unit), row in rows.items():
+        if knob == "bits" and int8_ms is not None:
+            mem = members[(knob, unit)]
+            row["int8_ms"] = float(sum(int8_ms.get(m, 0.0) for m in mem))
+            row["float_ms"] = float(sum(shares.get(m, 0.0) for m in mem))
     for (knob, unit), row in rows.items():
         spec = space.knobs[knob]
         mem = members[(knob, unit)]
@@ -514,7 +549,9 @@ def analyze(
             key = f"drop@{val}"
             if key not in row:
                 continue
-            if knob == "bits":
+            if knob == "bits" and "int8_ms" in row:
+                saving = (row["float_ms"] - row["int8_ms"]) / total if val == 8 else 0.0
+            elif knob == "bits":
                 saving = row["latency_share"] * (1 - 1 / int8_speed) if int8_speed > 1 else 0.0
             elif knob == "prune":
                 saving = row["latency_share"] * float(val)

@@ -259,3 +259,20 @@ def test_unfolded_batchnorm_is_folded_on_import(tmp_path: Path) -> None:
     assert [n.op_type for n in src.onnx_model.graph.node] == ["Conv", "Relu"]
     np.testing.assert_allclose(Target().session(src.save(tmp_path / "f.onnx")).run(None, x)[0],
                                Target().session(tmp_path / "bn.onnx").run(None, x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_int8_model_profile_maps_back_to_units(tmp_path: Path) -> None:
+    """Each unit's int8 time is measured, its quantize/dequantize work included: QLinearConv nodes are
+    renamed ``<node>_token_N`` and Q/DQ nodes ``<tensor>_QuantizeLinear`` by ONNX Runtime."""
+    from autosearch.analysis import latency_by_unit
+
+    path = W.constant_weights_cnn(tmp_path / "c.onnx")
+    feeds = W.constant_weights_cnn_feeds(16)
+    src = import_model(path, feeds[0])
+    units = _units(src)
+    res = build_candidate(src, Candidate(bits={u: 8 for u in units}, quant={"mode": "static"}), tmp_path / "q",
+                          bits_units=units, calibration=feeds)
+    ms = latency_by_unit(str(res.path), feeds[0], units=units, by_module=False, runs=10, float_model=src.onnx_model)
+    total = sum(ms.values())
+    assert ms.get("(other)", 0.0) < 0.5 * total
+    assert all(ms.get(u, 0.0) > 0 for u in units if u.startswith("Conv"))
