@@ -168,10 +168,14 @@ def quantize_model(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    import onnxruntime as ort
+
     notes = notes if notes is not None else []
     work = Path(tempfile.mkdtemp(prefix="as_q_"))
-    # the quantizer logs "consider pre-processing" through the root logger on every call
+    # the quantizer logs "consider pre-processing" through the root logger on every call, and its
+    # calibration sessions print ONNX Runtime's warnings (a wrongly declared output shape: one per sample)
     logging.disable(logging.WARNING)
+    ort.set_default_logger_severity(3)
     try:
         src = work / "float.onnx"
         onnx.save(model, str(src))
@@ -289,6 +293,7 @@ def quantize_model(
         return out_path
     finally:
         logging.disable(logging.NOTSET)
+        ort.set_default_logger_severity(2)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -127,6 +127,10 @@ def _subgraph_weighted(model: onnx.ModelProto) -> int:
     return count(model.graph, True)
 
 
+_QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM", "MatMulNBits",
+                  "DynamicQuantizeMatMul", "QGemm", "QAttention", "DequantizeLinear")
+
+
 def no_units_reason(source: SourceModel, space: SearchSpace) -> str:
     """Why a model has nothing to search, and what to do about it (one line)."""
     g = source.onnx_model.graph
@@ -134,6 +138,14 @@ def no_units_reason(source: SourceModel, space: SearchSpace) -> str:
     weighted = [n for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm")]
     computed = [n for n in weighted if len(n.input) > 1 and n.input[1] not in inits]
     sub = sum(1 for n in g.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS))
+    integer = {}
+    for n in g.node:
+        if n.op_type in _QUANTIZED_OPS:
+            integer[n.op_type] = integer.get(n.op_type, 0) + 1
+    if not weighted and integer:
+        ops = ", ".join(f"{c} {op}" for op, c in sorted(integer.items(), key=lambda kv: -kv[1]))
+        return (f"nothing to search in this model: it is already quantized ({ops}), so no float layer is left for the "
+                "bits knob; search the float model it was made from")
     if not weighted:
         why = "it has no Conv, MatMul or Gemm node in its main graph" + (f" ({sub} node(s) hold subgraphs)" if sub else "")
     elif computed:

@@ -276,3 +276,16 @@ def test_int8_model_profile_maps_back_to_units(tmp_path: Path) -> None:
     total = sum(ms.values())
     assert ms.get("(other)", 0.0) < 0.5 * total
     assert all(ms.get(u, 0.0) > 0 for u in units if u.startswith("Conv"))
+
+
+def test_an_already_quantized_model_is_said_to_be_one(tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = W.constant_weights_cnn(tmp_path / "c.onnx")
+    feeds = W.constant_weights_cnn_feeds(2)
+    src = import_model(path, feeds[0])
+    onnx.save(src.onnx_model, str(tmp_path / "f.onnx"))
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QUInt8)
+    with pytest.raises(ConfigError, match=r"already quantized \(\d+ ConvInteger"):
+        search(tmp_path / "q.onnx", FidelityEvaluator(feeds), example_inputs=feeds[0], space="quant",
+               study_name="q", studies_dir=tmp_path, n_trials=1, verbose=False)
