@@ -289,3 +289,16 @@ def test_an_already_quantized_model_is_said_to_be_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"already quantized \(\d+ ConvInteger"):
         search(tmp_path / "q.onnx", FidelityEvaluator(feeds), example_inputs=feeds[0], space="quant",
                study_name="q", studies_dir=tmp_path, n_trials=1, verbose=False)
+
+
+def test_calibration_batches_are_bounded_by_activation_memory(tmp_path: Path) -> None:
+    from autosearch.build import activation_bytes, calibration_batch
+
+    path = W.minus_one_batch_mlp(tmp_path / "m.onnx")
+    src = import_model(path, W.minus_one_batch_mlp_feeds(1)[0])
+    per = activation_bytes(src)
+    assert per > 0
+    assert calibration_batch(src) == 32  # small activations: the usual batch
+    assert calibration_batch(src, memory=4 * per) == 4  # a 640x640 detector's activations: few samples at a time
+    vad = import_model(W.stateful_vad(tmp_path / "v.onnx"), W.stateful_vad_feeds(1, model=W.stateful_vad(tmp_path / "v.onnx"))[0])
+    assert calibration_batch(vad) == 1  # does not batch on axis 0: one sample per run
