@@ -165,10 +165,9 @@ def quantize_model(
     Raises:
         CandidateError: the quantizer or pre-processing failed.
     """
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import onnxruntime as ort
 
     notes = notes if notes is not None else []
     work = Path(tempfile.mkdtemp(prefix="as_q_"))

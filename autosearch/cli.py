@@ -248,13 +248,12 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studies_dir: str, n_trials: int | None,
                 timeout: float | None, show_front: bool = True) -> None:
-    from autosearch.report import print_front
-    from autosearch.study import search
-    from autosearch.target import Target
-
     import dataclasses
 
+    from autosearch.report import print_front
     from autosearch.space import load_space
+    from autosearch.study import search
+    from autosearch.target import Target
 
     model, evaluator, example = _problem(spec)
     space = load_space(spec.get("space"))

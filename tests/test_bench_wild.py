@@ -96,6 +96,23 @@ def test_slower_than_float_point_is_reported_marked_and_never_a_gain() -> None:
     assert f"AutoSearch trial 3 ({lib.SLOWER})" in overall
 
 
+def test_speedup_within_noise_is_no_gain() -> None:
+    vs = _rows(
+        Variant("ORT dynamic int8 per-tensor", "anchor", metric=1.0, latency_ms=9.65),  # 1.04x: re-quantizing an int8 model
+        Variant("AutoSearch trial 4", "autosearch", metric=1.0, latency_ms=9.8, config="int8 1/4 static u8"),  # 1.02x
+    )
+    s = lib.summarize(vs, bar=0.98)
+    assert s.float_is_front and s.verdict == "float is the front"
+    assert s.best_anchor.label == "ORT dynamic int8 per-tensor" and s.ratio == pytest.approx(1.0)
+    assert lib.NOISE_MARK in next(ln for ln in s.lines if ln.startswith("- best anchor"))
+    marks = lib.row_marks(vs, 0.98, s)
+    assert lib.NOISE_MARK in marks["AutoSearch trial 4"] and lib.SLOWER not in marks["AutoSearch trial 4"]
+    clear = lib.summarize(_rows(Variant("a", "anchor", metric=1.0, latency_ms=9.0)), bar=0.98)  # 1.11x: a gain
+    assert not clear.float_is_front and clear.anchor_speedup == pytest.approx(10 / 9.0)
+    assert lib.gain(1.06) and not lib.gain(1.04) and lib.speed_mark(0.94) == lib.SLOWER and lib.speed_mark(0.97) == lib.NOISE_MARK
+    assert lib.speed_mark(1.5) == ""
+
+
 def test_anchor_slower_than_float_makes_float_the_reference() -> None:
     vs = _rows(
         Variant("anchor", "anchor", metric=1.0, latency_ms=20.0),  # 0.5x
@@ -194,6 +211,33 @@ def test_feeds_roundtrip_and_child_build(tmp_path: Path) -> None:
     ok, err, _ = bench.build_in_child({"tool": "dynamic", "per_channel": False, "src": str(tmp_path / "missing.onnx"),
                                        "out": str(tmp_path / "e.onnx")}, tmp_path, timeout=300)
     assert not ok and err and "\n" not in err  # a failure is one line for its row, never a crash
+
+
+def test_ort_load_reason_drops_the_path_preamble() -> None:
+    exc = RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model from /tmp/a/b.onnx failed:This is an invalid model. "
+                       "In Node, DequantizeLinear ... Error Unrecognized attribute: axis for operator DequantizeLinear")
+    msg = _bench()._ort_reason(exc)
+    assert msg.startswith("INVALID_GRAPH: This is an invalid model") and "/tmp/a" not in msg and msg.endswith("DequantizeLinear")
+    assert _bench()._ort_reason(ValueError("plain\n reason")) == "plain reason"
+
+
+def test_render_and_json_of_a_partial_run() -> None:
+    import json
+
+    bench = _bench()
+    vs = _rows(Variant("anchor", "anchor", metric=0.99, latency_ms=5.0, path="/x.onnx"),
+               Variant("AutoSearch trial 1", "autosearch", metric=0.5, latency_ms=math.nan, error="boom"))
+    s = lib.summarize(vs, bar=0.98)
+    done = bench.ModelResult(lib.ModelReport("magika", "argmax_agreement", 0.98, s, math.nan, 12.0, 30.0, 800.0), "## magika\n\ntable",
+                             [("magika: autosearch.search", "Traceback ...\nValueError: x")], vs)
+    report, overall = bench.render("# head", [done], 31.0, n_models=2)
+    assert "partial: 1 of 2 models" in overall and "## Tracebacks" in report and "ValueError: x" in report
+    assert [r["model"] for r in alib.parse_table(report, first_header="model")] == ["magika"]
+    data = json.loads(bench._json([done], "# head"))  # NaN becomes null: strict JSON
+    m = data["models"][0]
+    assert m["name"] == "magika" and m["analysis_s"] is None and m["summary"]["best_anchor"] == "anchor"
+    assert [v["label"] for v in m["variants"]] == ["float", "anchor", "AutoSearch trial 1"]
+    assert m["variants"][2]["latency_ms"] is None and m["tracebacks"][0]["what"] == "magika: autosearch.search"
 
 
 # --------------------------------------------------------------------------- end to end
