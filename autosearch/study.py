@@ -603,12 +603,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _floor(sp: SearchSpace, base_acc: float) -> float | None:
-    floors = []
-    if sp.max_accuracy_drop is not None:
-        floors.append(base_acc - sp.max_accuracy_drop)
-    if sp.min_accuracy is not None:
-        floors.append(sp.min_accuracy)
-    return max(floors) if floors else None
+    from autosearch.strategy import _space_floor
+
+    return _space_floor(sp, base_acc)
 
 
 def _check_same(old: Mapping[str, Any], new: Mapping[str, Any], name: str, url: str) -> None:
