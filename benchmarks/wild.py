@@ -98,19 +98,7 @@ ANCHORS: list[tuple[str, dict[str, Any]]] = [
 PRE = " + pre-process"
 
 
-class _Reader:
-    """ORT ``CalibrationDataReader`` over a list of feeds."""
-
-    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-        self._feeds = list(feeds)
-        self._it = iter(self._feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = iter(self._feeds)
-
+from autosearch.build import _Reader  # noqa: E402 - ORT's CalibrationDataReader over a list of feeds
 
 def _load_feeds(path: str) -> list[dict[str, np.ndarray]]:
     with np.load(path) as z:
