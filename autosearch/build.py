@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,11 @@ import onnx
 
 from autosearch.analysis import node_unit_map, op_groups
 from autosearch.candidate import Candidate
+from autosearch.config import QuantSetting, RecoverySetting
 from autosearch.errors import CandidateError, ConfigError
 from autosearch.model import SourceModel, export_onnx, opset_of, upgrade_opset
 
-__all__ = ["BuildResult", "build_candidate", "quantize_model"]
+__all__ = ["BuildResult", "BuildState", "build_candidate", "quantize_model"]
 
 _log = logging.getLogger("autosearch")
 
@@ -148,7 +149,7 @@ def quantize_model(
     *,
     bits: dict[str, int],
     unit_of_node: dict[str, str],
-    options: dict[str, Any],
+    options: QuantSetting | Mapping[str, Any],
     calibration: Sequence[dict[str, np.ndarray]],
     notes: list[str] | None = None,
 ) -> Path:
@@ -159,7 +160,7 @@ def quantize_model(
         out_path: Where the quantized model goes.
         bits: Unit -> bits (32 float, 16, 8, 4).
         unit_of_node: Quantizable node name -> unit (nodes not in it stay float).
-        options: ``mode``, ``activation_type``, ``per_channel``, ``preprocess``, ``calibrate_method``.
+        options: The quantization setting (:class:`~autosearch.config.QuantSetting` or its mapping).
         calibration: Feeds for static calibration.
 
     Raises:
@@ -170,6 +171,7 @@ def quantize_model(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     notes = notes if notes is not None else []
+    q = options if isinstance(options, QuantSetting) else QuantSetting.of(options)
     work = Path(tempfile.mkdtemp(prefix="as_q_"))
     # the quantizer logs "consider pre-processing" through the root logger on every call, and its
     # calibration sessions print ONNX Runtime's warnings (a wrongly declared output shape: one per sample)
@@ -181,7 +183,7 @@ def quantize_model(
         # units are tracked by weight initializer as well as by node name: pre-processing
         # fuses nodes (MatMul+Add -> Gemm under a new name) but keeps the weight tensor
         unit_of_weight = {n.input[1]: unit_of_node[n.name] for n in model.graph.node if n.name in unit_of_node and len(n.input) > 1}
-        if options.get("preprocess"):
+        if q.preprocess:
             pre = work / "pre.onnx"
             # symbolic shape inference first; it fails on most real models, so retry without. It leaves
             # temporary files in the working directory when it fails: run it inside the work folder
@@ -210,8 +212,8 @@ def quantize_model(
         quantized = [n.name for n in quant_nodes if bits.get(unit_of_node[n.name], 32) != 32 and n.name not in nbits]
         # non-weighted nodes follow their unit (a float unit keeps its activation ops float);
         # post-processing after the last weighted layer is a unit of its own (post:<output>)
-        mode = options.get("mode", "static")
-        groups = op_groups(graph, unit_of_node) if scope_all(options, mode) else {}
+        mode = q.mode
+        groups = op_groups(graph, unit_of_node) if scope_all(q, mode) else {}
         # (followers of a weight-only int4 unit stay float: its activations are)
         float_ops = [n for n, u in groups.items() if bits.get(u, 32) not in (8, 16)]
         quant_ops = [n for n, u in groups.items() if bits.get(u, 32) in (8, 16)]
@@ -219,7 +221,7 @@ def quantize_model(
             raise CandidateError("no node of the units set to quantize was found in the graph")
         if not quantized and not quant_ops:
             onnx.save(graph, str(out_path))
-            _int4_weight_only(out_path, nbits, options)
+            _int4_weight_only(out_path, nbits, q)
             notes.append(f"int4 weight-only (MatMulNBits) on {len(nbits)} node(s), the rest float")
             return out_path
         weight_of = {n.name: n.input[1] for n in quant_nodes if len(n.input) > 1}
@@ -236,8 +238,8 @@ def quantize_model(
                 quantize_dynamic(
                     str(src),
                     str(out_path),
-                    per_channel=bool(options.get("per_channel", False)),
-                    reduce_range=bool(options.get("reduce_range", False)),
+                    per_channel=q.per_channel_in(mode),
+                    reduce_range=q.reduce_range,
                     weight_type=QuantType.QInt8,
                     # the dynamic quantizer rewrites every Gemm as "<name>_MatMul" + "<name>_Add" first
                     nodes_to_exclude=[x for n in graph.graph.node if n.name and n.name not in quantized
@@ -247,18 +249,18 @@ def quantize_model(
             except Exception as exc:
                 raise CandidateError(f"quantize_dynamic failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
         else:
-            act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[options.get("activation_type", "uint8")]
+            act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[q.activation_type]
             method = {
                 "minmax": CalibrationMethod.MinMax,
                 "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile,
-            }[options.get("calibrate_method", "minmax")]
+            }[q.calibrate_method]
             if method != CalibrationMethod.MinMax:
                 calibration = even_batches(calibration)
             extra: dict[str, Any] = {}
             if overrides:
                 extra["TensorQuantOverrides"] = overrides
-            scope = options.get("op_scope", "all")
+            scope = q.op_scope
             op_types = None
             if scope == "weighted":
                 # only the layers' own weighted ops: activations between them stay float
@@ -273,8 +275,8 @@ def quantize_model(
                     str(out_path),
                     _Reader(calibration),
                     quant_format=QuantFormat.QDQ,
-                    per_channel=bool(options.get("per_channel", True)),
-                    reduce_range=bool(options.get("reduce_range", False)),
+                    per_channel=q.per_channel_in(mode),
+                    reduce_range=q.reduce_range,
                     activation_type=act,
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
@@ -285,7 +287,7 @@ def quantize_model(
             except Exception as exc:
                 raise CandidateError(f"quantize_static failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
         if nbits:
-            _int4_weight_only(out_path, nbits, options)
+            _int4_weight_only(out_path, nbits, q)
             notes.append(f"int4 weight-only (MatMulNBits) on {len(nbits)} node(s)")
         notes.append(f"quantized {len(quantized)} weighted node(s) and up to {len(quant_ops)} other, "
                      f"{len(exclude) - len(nbits)} kept float ({mode})")
@@ -306,9 +308,10 @@ def _cwd(path: Path) -> Iterator[None]:
         os.chdir(old)
 
 
-def scope_all(options: dict[str, Any], mode: str) -> bool:
+def scope_all(options: QuantSetting | Mapping[str, Any], mode: str) -> bool:
     """Whether non-weighted ops are quantized at all (static mode, ``op_scope: all``)."""
-    return mode != "dynamic" and options.get("op_scope", "all") == "all"
+    q = options if isinstance(options, QuantSetting) else QuantSetting.of(options)
+    return mode != "dynamic" and q.op_scope == "all"
 
 
 def _nbits_able(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
@@ -354,7 +357,7 @@ def _gemm_as_matmul(model: onnx.ModelProto, names: Sequence[str]) -> None:
     model.graph.initializer.extend(keep)
 
 
-def _int4_weight_only(path: Path, names: Sequence[str], options: dict[str, Any]) -> None:
+def _int4_weight_only(path: Path, names: Sequence[str], q: QuantSetting) -> None:
     """Weight-only int4 of the named MatMul/Gemm nodes with ORT's ``MatMulNBitsQuantizer`` (in place)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -367,9 +370,9 @@ def _int4_weight_only(path: Path, names: Sequence[str], options: dict[str, Any])
         q = MatMulNBitsQuantizer(
             model,
             bits=4,
-            block_size=int(options.get("int4_block_size", 32)),
+            block_size=q.int4_block_size,
             is_symmetric=True,
-            accuracy_level=int(options.get("int4_accuracy_level", 0)) or None,
+            accuracy_level=q.int4_accuracy_level or None,
             nodes_to_exclude=others,  # nodes_to_include does not restrict: every MatMul is taken otherwise
         )
         q.process()
@@ -392,69 +395,155 @@ def _softmax_guard(model: onnx.ModelProto) -> list[str]:
     return [o for o in out if o]
 
 
-def build_candidate(
-    source: SourceModel,
-    cand: Candidate,
-    out_dir: Path,
-    *,
-    bits_units: Sequence[str],
-    calibration: Sequence[dict[str, np.ndarray]],
-) -> BuildResult:
-    """Build ``cand`` from ``source`` into ``out_dir/model.onnx``.
+class BuildState:
+    """A candidate on its way from the source model to ``model.onnx``; what knobs change in :meth:`Knob.apply`.
 
-    Args:
-        source: The imported model (never modified).
-        cand: The candidate.
-        out_dir: Its folder (created).
-        bits_units: All unit names of the bits knob (to map nodes of re-exported graphs).
-        calibration: Single-sample feeds for calibration (quantization and BatchNorm).
-
-    Raises:
-        CandidateError: a stage failed.
-        ConfigError: the candidate asks for something this model cannot do.
+    Structural knobs queue edits of the PyTorch model (:meth:`structural`, :meth:`edit_module`); they are made
+    on one copy, followed by the recovery the candidate asks for, and exported once, the first time a later
+    knob reads :attr:`proto`. Graph knobs read and replace :attr:`proto`; a knob that writes the final file
+    itself (precision: :meth:`quantize`) sets :attr:`written`.
     """
-    t0 = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / "model.onnx"
-    notes: list[str] = []
-    stages: dict[str, float] = {}
-    proto = source.onnx_model
-    if cand.structural:
+
+    def __init__(self, source: SourceModel, candidate: Candidate, out_dir: Path, *, units: Mapping[str, Sequence[str]],
+                 calibration: Sequence[dict[str, np.ndarray]]) -> None:
+        self.source = source
+        self.candidate = candidate
+        self.out_dir = out_dir
+        self.units = units
+        self.calibration = calibration
+        self.notes: list[str] = []
+        self.stages: dict[str, float] = {}
+        self.written = False
+        self._proto: onnx.ModelProto | None = None
+        self._structural: dict[str, dict[str, Any]] = {}
+        self._module_edits: list[Callable[[Any], Any]] = []
+
+    @property
+    def out(self) -> Path:
+        return self.out_dir / "model.onnx"
+
+    def structural(self, **edits: Mapping[str, Any]) -> None:
+        """Queue edits of the built-in structural transform (``prune=``, ``rank=``:
+        :func:`autosearch.transforms.structural.apply_structural`)."""
+        if self._proto is not None:
+            raise ConfigError("a structural knob was applied after the graph was exported: give it a lower 'order'")
+        for k, v in edits.items():
+            self._structural.setdefault(k, {}).update(v)
+
+    def edit_module(self, fn: Callable[[Any], Any]) -> None:
+        """Queue ``fn(module) -> module`` on the PyTorch copy (before the recovery and the export)."""
+        if self.source.origin != "torch":
+            raise ConfigError("this knob edits the PyTorch model, and this study was given an ONNX file")
+        self._module_edits.append(fn)
+
+    def flush(self) -> None:
+        """Make the queued PyTorch edits and export (once)."""
+        if self._proto is not None or not (self._structural or self._module_edits):
+            return
         t = time.perf_counter()
-        proto = _structural(source, cand, calibration, out_dir)
-        stages["structural_s"] = time.perf_counter() - t
-    if cand.quantized:
+        self._proto = _structural(self.source, self.candidate.recovery, self._structural, self._module_edits,
+                                  self.calibration, self.out_dir)
+        self.stages["structural_s"] = self.stages.get("structural_s", 0.0) + time.perf_counter() - t
+
+    @property
+    def proto(self) -> onnx.ModelProto:
+        """The candidate's ONNX graph so far (the source's until something changes it)."""
+        self.flush()
+        return self._proto if self._proto is not None else self.source.onnx_model
+
+    @proto.setter
+    def proto(self, model: onnx.ModelProto) -> None:
+        self.flush()
+        self._proto = model
+
+    def quantize(self, bits: Mapping[str, int]) -> None:
+        """Precision per unit with ONNX Runtime's quantizer and the candidate's ``quant`` options; writes :attr:`out`."""
         t = time.perf_counter()
-        need = _opset_needed(cand.quant)
+        cand, source = self.candidate, self.source
+        opts = QuantSetting.of(cand.quant)
+        proto = self.proto
+        need = _opset_needed(opts)
         if opset_of(proto) < need:
             proto = source.at_opset(need) if proto is source.onnx_model else upgrade_opset(proto, need)
-            notes.append(f"opset raised to {opset_of(proto)} for this setting")
+            self.notes.append(f"opset raised to {opset_of(proto)} for this setting")
+        bits_units = list(self.units.get("bits", ())) or list(bits)
         by_module = source.origin == "torch"
         unit_of_node = node_unit_map(proto, by_module=by_module, known_units=bits_units)
         if not by_module:
             unit_of_node = {n: _onnx_unit(n, bits_units) for n in unit_of_node}
             unit_of_node = {n: u for n, u in unit_of_node.items() if u}
-        cal = list(calibration)
-        if cand.quant.get("calibrate_method", "minmax") != "minmax" and cand.quant.get("mode", "static") == "static":
+        cal = list(self.calibration)
+        if opts.calibrate_method != "minmax" and opts.mode == "static":
             # histogram calibrators keep every sample's activations until the end: bound the sample count
             most = max(4, CALIBRATION_MEMORY // max(activation_bytes(source), 1))
             if len(cal) > most:
-                notes.append(f"{cand.quant.get('calibrate_method')} calibration on {most} of {len(cal)} samples (memory bound)")
+                self.notes.append(f"{opts.calibrate_method} calibration on {most} of {len(cal)} samples (memory bound)")
                 cal = cal[:: -(-len(cal) // most)][:most]
         feeds = batch_feeds(cal, calibration_batch(source))
-        quantize_model(proto, out, bits=dict(cand.bits), unit_of_node=unit_of_node, options=dict(cand.quant), calibration=feeds, notes=notes)
-        stages["quantize_s"] = time.perf_counter() - t
+        quantize_model(proto, self.out, bits=dict(bits), unit_of_node=unit_of_node, options=opts,
+                       calibration=feeds, notes=self.notes)
+        self.written = True
+        self.stages["quantize_s"] = time.perf_counter() - t
+
+
+def build_candidate(
+    source: SourceModel,
+    cand: Candidate,
+    out_dir: Path,
+    *,
+    calibration: Sequence[dict[str, np.ndarray]],
+    units: Mapping[str, Sequence[str]] | None = None,
+    bits_units: Sequence[str] | None = None,
+) -> BuildResult:
+    """Build ``cand`` from ``source`` into ``out_dir/model.onnx``: each registered knob with an active
+    value applies its change, in knob order (structural, graph, precision).
+
+    Args:
+        source: The imported model (never modified).
+        cand: The candidate.
+        out_dir: Its folder (created).
+        calibration: Single-sample feeds for calibration (quantization and BatchNorm).
+        units: Knob -> every unit name of that knob (the candidate is checked against them, and the
+            bits units map nodes of re-exported graphs back).
+        bits_units: Shorthand for ``units={"bits": bits_units}``.
+
+    Raises:
+        CandidateError: a stage failed.
+        ConfigError: the candidate asks for something this model cannot do, or names a unit it does not have.
+    """
+    from autosearch.knobs import knobs
+
+    t0 = time.perf_counter()
+    if units is None:
+        units = {"bits": tuple(bits_units or ())}
+    elif bits_units is not None:
+        units = {**units, "bits": tuple(bits_units)}
     else:
-        onnx.save(proto, str(out))
-    return BuildResult(out, time.perf_counter() - t0, notes, stages)
+        cand.check(units)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = BuildState(source, cand, out_dir, units=units, calibration=calibration)
+    for k in knobs():
+        values = cand.active(k.name)
+        if not values:
+            continue
+        if not k.structural:
+            state.flush()
+        t = time.perf_counter()
+        k.apply(state, values)
+        if not k.structural and k.name != "bits":
+            state.stages[f"{k.name}_s"] = time.perf_counter() - t
+    if not state.written:
+        onnx.save(state.proto, str(state.out))
+    return BuildResult(state.out, time.perf_counter() - t0, state.notes, state.stages)
 
 
-def _opset_needed(quant: dict[str, Any] | Any) -> int:
+def _opset_needed(quant: QuantSetting | Mapping[str, Any]) -> int:
     """The lowest opset ONNX Runtime's quantizer writes a valid model at, for these options:
     per-channel QDQ needs 13 (``DequantizeLinear`` with ``axis``); ``DynamicQuantizeLinear`` 11."""
-    if quant.get("mode", "static") == "dynamic":
+    q = quant if isinstance(quant, QuantSetting) else QuantSetting.of(quant)
+    if q.mode == "dynamic":
         return 11
-    return 13 if quant.get("per_channel", True) else 10
+    return 13 if q.per_channel_in(q.mode) else 10
 
 
 def _onnx_unit(node_name: str, units: Sequence[str]) -> str | None:
@@ -468,58 +557,40 @@ def _onnx_unit(node_name: str, units: Sequence[str]) -> str | None:
     return best
 
 
-def _reconstruct_flag(value: Any) -> bool | None:
-    """``recovery.reconstruct`` for :func:`apply_structural`: ``"auto"`` -> None (only without distillation)."""
-    return None if value == "auto" else bool(value)
+def _structural(source: SourceModel, recovery: Mapping[str, Any], edits: Mapping[str, Mapping[str, Any]],
+                module_edits: Sequence[Callable[[Any], Any]], calibration: Sequence[dict[str, np.ndarray]],
+                out_dir: Path) -> onnx.ModelProto:
+    """The PyTorch model with the queued edits and the recovery, exported to ONNX."""
+    import torch
 
+    from autosearch.transforms.structural import apply_structural
 
-def _structural(source: SourceModel, cand: Candidate, calibration: Sequence[dict[str, np.ndarray]], out_dir: Path) -> onnx.ModelProto:
-    prune = {u: p for u, p in cand.prune.items() if p > 0}
-    rank = {u: r for u, r in cand.rank.items() if r < 1}
-    if source.origin == "torch":
-        import torch
-
-        from autosearch.transforms.structural import apply_structural
-
-        rec = dict(cand.recovery)
-        n_cal = int(rec.get("calibration_samples", 200))
-        feeds = calibration[:n_cal]
-        names = source.input_names
-        cal_batches = [
-            tuple(torch.from_numpy(b[n]) for n in names) for b in batch_feeds(feeds, 32)
-        ]
-        try:
-            module = apply_structural(
-                source.torch_module,
-                source.torch_example,
-                prune=prune,
-                rank=rank,
-                calibration=cal_batches,
-                recalibrate_bn=bool(rec.get("bn_recalibration", True)),
-                reconstruct=_reconstruct_flag(rec.get("reconstruct", "auto")),
-                distill_steps=int(rec.get("distill_steps", 0)),
-                distill_lr=float(rec.get("distill_lr", 3e-4)),
-            )
-        except ConfigError:
-            raise
-        except CandidateError:
-            raise
-        except Exception as exc:
-            raise CandidateError(f"structural transform failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
-        path = export_onnx(module, source.torch_example, out_dir / "structural.onnx", input_names=names, output_names=source.output_names)
-        proto = onnx.load(str(path))
-        path.unlink(missing_ok=True)
-        return proto
-    if prune:
-        raise ConfigError(
-            "structured pruning needs the PyTorch model: this study was given an ONNX file. "
-            "Remove 'prune' from the search space's knobs, or pass the nn.Module"
-        )
-    from autosearch.transforms.lowrank_onnx import apply_onnx_lowrank
-
+    rec = RecoverySetting.of(recovery)
+    feeds = calibration[: rec.calibration_samples]
+    names = source.input_names
+    cal_batches = [tuple(torch.from_numpy(b[n]) for n in names) for b in batch_feeds(feeds, 32)]
+    module = source.torch_module
     try:
-        return apply_onnx_lowrank(source.onnx_model, rank)
+        for fn in module_edits:
+            import copy
+
+            module = fn(copy.deepcopy(module))
+        module = apply_structural(
+            module,
+            source.torch_example,
+            prune={u: p for u, p in edits.get("prune", {}).items() if p > 0},
+            rank={u: r for u, r in edits.get("rank", {}).items() if r < 1},
+            calibration=cal_batches,
+            recalibrate_bn=rec.bn_recalibration,
+            reconstruct=None if rec.reconstruct == "auto" else bool(rec.reconstruct),
+            distill_steps=rec.distill_steps,
+            distill_lr=rec.distill_lr,
+        )
     except (ConfigError, CandidateError):
         raise
     except Exception as exc:
-        raise CandidateError(f"ONNX low-rank failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
+        raise CandidateError(f"structural transform failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
+    path = export_onnx(module, source.torch_example, out_dir / "structural.onnx", input_names=names, output_names=source.output_names)
+    proto = onnx.load(str(path))
+    path.unlink(missing_ok=True)
+    return proto

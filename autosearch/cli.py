@@ -175,64 +175,6 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load_npz(path: str) -> dict[str, Any]:
-    import numpy as np
-
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"data file {path!r} does not exist: pass an .npz with 'x' (and 'y' for labels)")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as exc:
-        raise ConfigError(f"{path!r} is not a readable .npz file ({exc}); save one with numpy.savez(path, x=..., y=...)") from None
-
-
-def _problem(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(model, evaluator, example_inputs) from a CLI spec."""
-    from autosearch.evaluate import FidelityEvaluator, LabelledEvaluator
-
-    if spec["kind"] == "default":
-        from autosearch.demo import default_problem
-
-        return default_problem()
-    from autosearch.feeds import Samples
-    from autosearch.model import graph_inputs, load_onnx, normalize_onnx
-
-    path = spec["path"]
-    proto, _ = normalize_onnx(load_onnx(path))  # clear errors first
-    if not spec.get("data"):
-        return path, None, None
-    data = _load_npz(spec["data"])
-    x: Any
-    inputs = {k: v for k, v in data.items() if k != "y" and not k.startswith("calib")}
-    if not inputs:
-        raise ConfigError(f"{spec['data']!r} has no input array: save it with numpy.savez(path, x=..., y=...)")
-    names = [vi.name for vi in graph_inputs(proto)]
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in graph_inputs(proto)}
-    if list(inputs) == ["x"] and len(names) == 1:
-        x = {names[0]: inputs["x"]}
-    else:
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise ConfigError(f"{spec['data']!r} lacks array(s) {missing} for the model's inputs {names}; it has "
-                              f"{sorted(inputs)} (name one array per input, or use 'x' for a one-input model)")
-        x = {n: inputs[n] for n in names}
-    calib: Any = data.get("calib")
-    if calib is not None and len(names) == 1:
-        calib = {names[0]: calib}
-    per_input = {k[len("calib_"):]: v for k, v in data.items() if k.startswith("calib_")}
-    if per_input:
-        calib = per_input
-    example = Samples(x, names, ranks=ranks).feed(0)
-    metric = spec.get("metric")
-    if "y" in data and metric in (None, "accuracy"):
-        return path, LabelledEvaluator(x, data["y"], calibration=calib), example
-    if metric == "accuracy":
-        raise ConfigError(f"--metric accuracy needs labels: {spec['data']!r} has no 'y' array")
-    return path, FidelityEvaluator(x, metric=metric or "scaled_cosine", calibration=calib), example
-
-
 def _spec(args: argparse.Namespace) -> dict[str, Any]:
     """The problem of a search (stored in the study so `resume` can rebuild it)."""
     if args.model == "default":
@@ -248,17 +190,16 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studies_dir: str, n_trials: int | None,
                 timeout: float | None, show_front: bool = True) -> None:
-    import dataclasses
-
+    from autosearch.problem import load_problem
     from autosearch.report import print_front
     from autosearch.space import load_space
     from autosearch.study import search
     from autosearch.target import Target
 
-    model, evaluator, example = _problem(spec)
+    model, evaluator, example = load_problem(spec)
     space = load_space(spec.get("space"))
     if spec.get("strategy"):
-        space = dataclasses.replace(space, strategy={**space.strategy, **spec["strategy"]})
+        space = space.with_strategy(**spec["strategy"])
     target = Target(providers=(spec.get("provider", "CPUExecutionProvider"),), threads=int(spec.get("threads", 1)),
                     lock_path=str(Path(studies_dir) / ".profile.lock"))
     st = search(model, evaluator, example_inputs=example, space=space, target=target, study_name=study,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from autosearch.candidate import NEUTRAL
+from autosearch.knobs import known
 from autosearch.errors import ConfigError
 
 __all__ = ["CATEGORIES", "DashboardData", "KnobMatrix", "dashboard_data", "figures", "hypervolume_2d", "write_dashboard"]
@@ -141,9 +141,10 @@ def _hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
 def _unit_lines(cand: Mapping[str, Any]) -> list[str]:
     """``unit: bits 8, prune 0.25`` for each unit a candidate changes."""
     per_unit: dict[str, list[str]] = {}
-    for knob in ("bits", "prune", "rank"):
+    for kb in known(cand):
+        knob = kb.name
         for unit, val in (cand.get(knob) or {}).items():
-            if val != NEUTRAL[knob]:
+            if kb.active(val):
                 per_unit.setdefault(unit, []).append(f"{knob} {val:g}" if isinstance(val, (int, float)) else f"{knob} {val}")
     lines = [f"{u}: {', '.join(v)}" for u, v in per_unit.items()]
     if len(lines) > _HOVER_UNITS:
@@ -269,11 +270,12 @@ def dashboard_data(study: Any) -> DashboardData:
     space_knobs = (meta.get("space") or {}).get("knobs") or {}
     knobs: dict[str, KnobMatrix] = {}
     ordered = [int(t) for t in front.sort_values("latency_ms")["trial"]] if len(front) else []
-    for knob in ("bits", "prune", "rank"):
+    for kb in known(units_by_knob):
+        knob = kb.name
         units = list(units_by_knob.get(knob) or [])
         if not units or not ordered:
             continue
-        mat = np.full((len(units), len(ordered)), float(NEUTRAL[knob]))
+        mat = np.full((len(units), len(ordered)), float(kb.neutral))
         for j, number in enumerate(ordered):
             chosen = (trials[number].user_attrs.get("candidate") or {}).get(knob) or {}
             for i, unit in enumerate(units):
@@ -362,7 +364,7 @@ def _knob_figure(m: KnobMatrix) -> Any:
     import plotly.graph_objects as go
 
     labels = [f"t{t}" for t in m.trials]
-    scale = {"bits": "Blues_r", "prune": "Reds", "rank": "Greens_r"}.get(m.knob, "Viridis")
+    scale = next((k.colorscale for k in known([m.knob])), "Viridis")
     text = [[f"{v:g}" for v in row] for row in m.values]
     fig = go.Figure(go.Heatmap(
         z=m.values, x=labels, y=list(m.units), colorscale=scale, text=text, texttemplate="%{text}" if m.values.size <= 400 else None,

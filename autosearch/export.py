@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from autosearch.candidate import NEUTRAL
+from autosearch.knobs import known
 from autosearch.errors import ConfigError
 
 __all__ = ["ExportReport", "export_trial", "pick_trial"]
@@ -363,7 +363,8 @@ def _config(study: Any, trial: Any) -> dict[str, Any]:
     """Per-unit knobs (every unit of the space, neutral values included) plus global options."""
     cand = dict(trial.user_attrs.get("candidate", {}))
     units_by_knob: Mapping[str, list[str]] = study.meta.get("units", {}) or {}
-    knobs = [k for k in ("bits", "prune", "rank") if units_by_knob.get(k) or cand.get(k)]
+    neutral = {k.name: k.neutral for k in known([*units_by_knob, *cand])}
+    knobs = [k for k in neutral if units_by_knob.get(k) or cand.get(k)]
     names: list[str] = []
     for k in knobs:
         for u in list(units_by_knob.get(k, [])) + list(cand.get(k, {})):
@@ -371,7 +372,7 @@ def _config(study: Any, trial: Any) -> dict[str, Any]:
                 names.append(u)
     per_unit: dict[str, dict[str, Any]] = {}
     for u in names:
-        per_unit[u] = {k: cand.get(k, {}).get(u, NEUTRAL[k]) for k in knobs if u in units_by_knob.get(k, []) or u in cand.get(k, {})}
+        per_unit[u] = {k: cand.get(k, {}).get(u, neutral[k]) for k in knobs if u in units_by_knob.get(k, []) or u in cand.get(k, {})}
     return {
         "study": study.name,
         "trial": trial.number,
@@ -379,7 +380,7 @@ def _config(study: Any, trial: Any) -> dict[str, Any]:
         "units": per_unit,
         "quantization": dict(cand.get("quant", {})),
         "recovery": dict(cand.get("recovery", {})),
-        "candidate": {k: cand.get(k, {}) for k in ("bits", "prune", "rank", "quant", "recovery")},
+        "candidate": {k: cand.get(k, {}) for k in [*neutral, "quant", "recovery"]},
     }
 
 
@@ -418,10 +419,10 @@ def _rebuild_problem(study: Any, base_path: Path | None, notes: list[str]) -> tu
         notes.append("accuracy not re-measured: the study was created from Python, so pass evaluator= "
                       "(and example_inputs=) to export_trial to re-measure it")
         return None, None
-    from autosearch.cli import _problem
+    from autosearch.problem import load_problem
 
     try:
-        _, evaluator, example = _problem(dict(spec))
+        _, evaluator, example = load_problem(dict(spec))
     except ConfigError as exc:  # e.g. the data file moved: verify what can be verified
         notes.append(f"accuracy not re-measured: the study's model or data cannot be loaded again ({exc})")
         return None, None
@@ -604,9 +605,11 @@ def export_trial(
         else:
             evaluator.prepare(base_sess)
     if evaluator is not None:
-        measured["accuracy"] = float(evaluator(exp_sess))
+        # the original first, as in the search: whether samples run batched is decided on the float model
+        # (a dynamically quantized model gives batch-dependent outputs and would be scored one by one)
         if base_sess is not None:
             measured["original_accuracy"] = float(evaluator(base_sess))
+        measured["accuracy"] = float(evaluator(exp_sess))
         name = getattr(evaluator, "name", None)
         if meta.get("evaluator") and name != meta.get("evaluator"):
             notes.append(f"the evaluator given scores {name!r}, the study's scored {meta.get('evaluator')!r}: accuracy not compared")

@@ -19,42 +19,27 @@ import fnmatch
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from autosearch.config import CONFIG_VERSION, QuantChoices, RecoveryChoices, StrategyConfig
 from autosearch.errors import ConfigError
+from autosearch.knobs import knob, knob_names, load_plugins
 
 __all__ = ["KnobSpec", "SearchSpace", "load_space", "preset_path"]
 
 _PRESET_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
-KNOB_VALUES: dict[str, tuple[Any, ...]] = {
-    "bits": (32, 16, 8, 4),
-    "prune": None,  # type: ignore[dict-item]  # any float in [0, 1)
-    "rank": None,  # type: ignore[dict-item]  # any float in (0, 1]
-}
-QUANT_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "mode": ("static", "dynamic"),
-    "activation_type": ("uint8", "int8"),
-    "per_channel": (True, False),
-    "reduce_range": (False, True),
-    "preprocess": (True, False),
-    "op_scope": ("all", "weighted"),
-    "calibrate_method": ("minmax", "entropy", "percentile"),
-    "int4_block_size": (32, 64, 128, 256),  # 4-bit MatMul/Gemm units: MatMulNBits block
-    "int4_accuracy_level": (0, 1, 2, 3, 4),  # MatMulNBits compute type (4: int8 activations); 0 = ORT default
-}
-QUANT_DEFAULTS: dict[str, Any] = {"mode": "static", "activation_type": "uint8", "per_channel": True, "reduce_range": False,
-                                  "preprocess": False, "calibrate_method": "minmax", "op_scope": "all",
-                                  "int4_block_size": 32, "int4_accuracy_level": 0}
-INT4_OPTIONS = ("int4_block_size", "int4_accuracy_level")  # sampled only when a unit takes 4 bits
-STATIC_OPTIONS = ("activation_type", "calibrate_method", "op_scope")  # not sampled in dynamic mode
 OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
 SAMPLERS = ("nsga2", "tpe", "random")
-_TOP_KEYS = ("name", "description", "version", "knobs", "quantization", "recovery", "objectives", "constraints", "budget", "sampler", "strategy")
+_TOP_KEYS = ("name", "description", "version", "plugins", "knobs", "quantization", "recovery", "objectives", "constraints",
+             "budget", "sampler", "strategy")
+# compatibility names: the one declaration is autosearch.config
+QUANT_DEFAULTS: dict[str, Any] = {k: v for k, v in QuantChoices.parse({}).first().items()}
 
 
 def _where(source: str | None) -> str:
@@ -114,9 +99,8 @@ class SearchSpace:
 
     name: str = "custom"
     knobs: Mapping[str, KnobSpec] = field(default_factory=dict)
-    quantization: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    calibration_samples: int = 128
-    recovery: Mapping[str, Any] = field(default_factory=dict)
+    quant: QuantChoices = field(default_factory=lambda: QuantChoices.parse({}))
+    recovery: RecoveryChoices = field(default_factory=lambda: RecoveryChoices.parse({}))
     objectives: tuple[str, ...] = ("accuracy", "latency_ms")
     max_accuracy_drop: float | None = 0.01
     min_accuracy: float | None = None
@@ -125,8 +109,18 @@ class SearchSpace:
     sampler: str = "nsga2"
     seed: int = 0
     population_size: int = 10
-    strategy: Mapping[str, Any] = field(default_factory=dict)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    plugins: tuple[str, ...] = ()
     source: str | None = None
+
+    @property
+    def quantization(self) -> dict[str, tuple[Any, ...]]:
+        """Quantization option -> its choices (the sampling order)."""
+        return self.quant.choices()
+
+    @property
+    def calibration_samples(self) -> int:
+        return int(self.quant.calibration_samples)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -141,54 +135,23 @@ class SearchSpace:
         for key in data:
             if key not in _TOP_KEYS:
                 raise ConfigError(f"unknown key {key!r}{_where(source)}; allowed top-level keys: {', '.join(_TOP_KEYS)}")
+        plugins = data.get("plugins") or []
+        if isinstance(plugins, str):
+            plugins = [plugins]
+        if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+            raise ConfigError(f"'plugins'{_where(source)} must be a list of module names, got {plugins!r}")
+        load_plugins(plugins, source=source)
         knobs_raw = data.get("knobs") or {}
         if not isinstance(knobs_raw, Mapping):
             raise ConfigError(f"'knobs'{_where(source)} must be a mapping knob -> spec, got {knobs_raw!r}")
         knobs: dict[str, KnobSpec] = {}
-        for knob, spec in knobs_raw.items():
-            if knob not in KNOB_VALUES:
-                raise ConfigError(f"unknown knob 'knobs.{knob}'{_where(source)}; allowed: {', '.join(KNOB_VALUES)}")
-            knobs[knob] = _knob(knob, spec, source)
-        quant_raw = dict(data.get("quantization") or {})
-        cal = quant_raw.pop("calibration_samples", 128)
-        if not isinstance(cal, int) or cal < 1:
-            raise ConfigError(f"'quantization.calibration_samples'{_where(source)} must be a positive integer, got {cal!r}")
-        quant: dict[str, tuple[Any, ...]] = {}
-        for opt, allowed in QUANT_OPTIONS.items():
-            raw = quant_raw.pop(opt, [QUANT_DEFAULTS[opt]])
-            vals = raw if isinstance(raw, list) else [raw]
-            for v in vals:
-                if v not in allowed:
-                    raise ConfigError(
-                        f"'quantization.{opt}'{_where(source)} has value {v!r}; allowed: {', '.join(map(repr, allowed))}"
-                    )
-            quant[opt] = tuple(dict.fromkeys(vals))
-        if quant_raw:
-            raise ConfigError(
-                f"unknown key 'quantization.{next(iter(quant_raw))}'{_where(source)}; allowed: "
-                f"{', '.join([*QUANT_OPTIONS, 'calibration_samples'])}"
-            )
-        recovery = dict(data.get("recovery") or {})
-        rec_allowed = {
-            "bn_recalibration": bool,
-            "reconstruct": (bool, str),
-            "calibration_samples": int,
-            "distill_steps": (int, list),
-            "distill_lr": float,
-        }
-        for key, val in recovery.items():
-            if key not in rec_allowed:
-                raise ConfigError(f"unknown key 'recovery.{key}'{_where(source)}; allowed: {', '.join(rec_allowed)}")
-        recovery.setdefault("bn_recalibration", True)
-        recovery.setdefault("reconstruct", "auto")
-        if recovery["reconstruct"] not in ("auto", True, False):
-            raise ConfigError(
-                f"'recovery.reconstruct'{_where(source)} is {recovery['reconstruct']!r}; use auto (only without "
-                "distillation), true or false"
-            )
-        recovery.setdefault("calibration_samples", 200)
-        recovery.setdefault("distill_steps", 0)
-        recovery.setdefault("distill_lr", 3e-4)
+        for name, spec in knobs_raw.items():
+            if name not in knob_names():
+                raise ConfigError(f"unknown knob 'knobs.{name}'{_where(source)}; allowed: {', '.join(sorted(knob_names()))} "
+                                  "(a plug-in module under 'plugins:' adds more)")
+            knobs[name] = _knob(name, spec, source)
+        quant = QuantChoices.parse(data.get("quantization"), source)
+        recovery = RecoveryChoices.parse(data.get("recovery"), source)
         objectives_raw = data.get("objectives", ["accuracy", "latency_ms"])
         if isinstance(objectives_raw, Mapping):
             objectives_raw = list(objectives_raw)
@@ -222,36 +185,15 @@ class SearchSpace:
             raise ConfigError(f"unknown key 'sampler.{next(iter(sampler))}'{_where(source)}; allowed: name, seed, population_size")
         if sname not in SAMPLERS:
             raise ConfigError(f"'sampler.name'{_where(source)} is {sname!r}; allowed: {', '.join(SAMPLERS)}")
-        strategy = dict(data.get("strategy") or {})
-        strat_allowed: dict[str, Any] = {"analysis": bool, "sensitivity_samples": int, "warm_start_budgets": list,
-                                         "remeasure_front": bool, "narrow": bool, "analysis_budget": (float, int, type(None)),
-                                         "bits_sensitivity": str}
-        for key, val in strategy.items():
-            if key not in strat_allowed:
-                raise ConfigError(f"unknown key 'strategy.{key}'{_where(source)}; allowed: {', '.join(strat_allowed)}")
-            if not isinstance(val, strat_allowed[key]) or isinstance(val, bool) and strat_allowed[key] is not bool:
-                kind = strat_allowed[key].__name__ if isinstance(strat_allowed[key], type) else "number or null"
-                raise ConfigError(f"'strategy.{key}'{_where(source)} must be a {kind}, got {val!r}")
-        budget_frac = strategy.get("analysis_budget", 0.25)
-        if budget_frac is not None and not 0 < float(budget_frac) < 1:
-            raise ConfigError(f"'strategy.analysis_budget'{_where(source)} is {budget_frac!r}: a fraction of the search's "
-                              "wall time in (0, 1), e.g. 0.25, or null for no bound")
-        if strategy.get("bits_sensitivity", "auto") not in ("auto", "measure", "estimate"):
-            raise ConfigError(f"'strategy.bits_sensitivity'{_where(source)} is {strategy['bits_sensitivity']!r}; allowed: "
-                              "auto (measure per unit when it fits the analysis budget), measure, estimate (one pass)")
-        strategy.setdefault("analysis_budget", 0.25)  # the analysis may take this fraction of the search's wall time
-        strategy.setdefault("bits_sensitivity", "auto")
-        strategy.setdefault("analysis", True)
-        strategy.setdefault("sensitivity_samples", 150)
-        strategy.setdefault("warm_start_budgets", [0.5, 1.0, 2.0, 4.0])  # x max_accuracy_drop
-        strategy.setdefault("remeasure_front", True)
-        strategy.setdefault("narrow", True)  # fix quantizer options whose alternatives all measured far slower
+        strategy = StrategyConfig.of(data.get("strategy"), source=source)
+        version = data.get("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ConfigError(f"'version'{_where(source)} is {version!r}; this AutoSearch reads version {CONFIG_VERSION}")
         return cls(
             name=str(data.get("name", Path(source).stem if source else "custom")),
             strategy=strategy,
             knobs=knobs,
-            quantization=quant,
-            calibration_samples=cal,
+            quant=quant,
             recovery=recovery,
             objectives=tuple(objectives_raw),
             max_accuracy_drop=None if max_drop is None else float(max_drop),
@@ -261,6 +203,7 @@ class SearchSpace:
             sampler=sname,
             seed=int(seed),
             population_size=int(pop),
+            plugins=tuple(plugins),
             source=source,
         )
 
@@ -271,46 +214,58 @@ class SearchSpace:
 
     def quant_first(self, *, mode: str | None = None, int4: bool = False) -> dict[str, Any]:
         """Quantization options at their first choice, keyed as the sampler would produce them."""
-        q = {k: v[0] for k, v in self.quantization.items() if int4 or k not in INT4_OPTIONS}
-        if mode is not None:
-            q["mode"] = mode
-        if q.get("mode") == "dynamic":
-            for k in STATIC_OPTIONS:
-                q.pop(k, None)
-        return q
+        return self.quant.first_setting(mode=mode, int4=int4)
 
     def recovery_with(self, *, distill: str = "min") -> dict[str, Any]:
         """Recovery options with one distillation step count (``min`` or ``max`` of the choices)."""
-        rec = dict(self.recovery)
-        steps = rec.get("distill_steps", 0)
-        if isinstance(steps, list):
-            rec["distill_steps"] = (min if distill == "min" else max)(steps)
-        return rec
+        return self.recovery.with_distill(distill)
 
     # ---------------------------------------------------------------- identity
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able form (used for the study's fingerprint and for export)."""
-        out = asdict(self)
-        out.pop("source")
+        """A JSON-able form (the study's fingerprint and export); :meth:`from_dict` reads it back."""
+        out: dict[str, Any] = {"version": CONFIG_VERSION, "name": self.name}
+        if self.plugins:
+            out["plugins"] = list(self.plugins)
         out["knobs"] = {}
         for k, v in self.knobs.items():
             out["knobs"][k] = {"choices": list(v.choices), "include": list(v.include), "exclude": list(v.exclude),
                                "share": {g: list(p) for g, p in v.share.items()}}
             if v.by_unit:
                 out["knobs"][k]["by_unit"] = {p: list(c) for p, c in v.by_unit.items()}
-        out["quantization"] = {k: list(v) for k, v in self.quantization.items()}
+        out["quantization"] = self.quant.to_dict()
+        out["recovery"] = self.recovery.to_dict()
+        out["objectives"] = list(self.objectives)
+        out["constraints"] = {"max_accuracy_drop": self.max_accuracy_drop, "min_accuracy": self.min_accuracy}
+        out["budget"] = {"n_trials": self.n_trials, "timeout_s": self.timeout_s}
+        out["sampler"] = {"name": self.sampler, "seed": self.seed, "population_size": self.population_size}
+        out["strategy"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.strategy.model_dump().items()}
         return out
 
+    def with_strategy(self, **options: Any) -> SearchSpace:
+        """A copy with some strategy options changed (validated)."""
+        strategy = StrategyConfig.of({**self.strategy.model_dump(), **options}, source=self.source)
+        return dataclasses.replace(self, strategy=strategy)
+
     def fingerprint(self) -> str:
-        """Hash of what changes the meaning of trials (not the budget)."""
+        """Hash of what changes the meaning of trials (not the budget, not how much analysis runs)."""
         d = self.to_dict()
+        old = {  # the layout older studies hashed: keep their fingerprints
+            "name": d["name"], "knobs": d["knobs"], "quantization": {k: v for k, v in d["quantization"].items()
+                                                                     if k != "calibration_samples"},
+            "calibration_samples": d["quantization"]["calibration_samples"], "recovery": d["recovery"],
+            "objectives": d["objectives"], "max_accuracy_drop": self.max_accuracy_drop, "min_accuracy": self.min_accuracy,
+            "n_trials": self.n_trials, "timeout_s": self.timeout_s, "sampler": self.sampler, "seed": self.seed,
+            "population_size": self.population_size, "strategy": d["strategy"],
+        }
+        if self.plugins:
+            old["plugins"] = d["plugins"]
         for k in ("n_trials", "timeout_s", "name"):
-            d.pop(k, None)
+            old.pop(k, None)
         # options left at their default are left out, so a new option does not orphan older studies
-        d["quantization"] = {k: v for k, v in d["quantization"].items() if v != [QUANT_DEFAULTS.get(k)]}
+        old["quantization"] = {k: v for k, v in old["quantization"].items() if v != [QUANT_DEFAULTS.get(k)]}
         # how much analysis to run does not change what a trial means
-        d["strategy"] = {k: v for k, v in d["strategy"].items() if k not in ("analysis", "analysis_budget", "bits_sensitivity")}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        old["strategy"] = {k: v for k, v in old["strategy"].items() if k not in ("analysis", "analysis_budget", "bits_sensitivity")}
+        return hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _knob(knob: str, spec: Any, source: str | None) -> KnobSpec:
@@ -341,17 +296,17 @@ def _knob(knob: str, spec: Any, source: str | None) -> KnobSpec:
     return KnobSpec(vals, pats("include", ("*",)), pats("exclude", ()), share, by_unit)
 
 
-def _knob_choices(knob: str, key: str, choices: Any, source: str | None) -> tuple[Any, ...]:
+def _knob_choices(name: str, key: str, choices: Any, source: str | None) -> tuple[Any, ...]:
     if not isinstance(choices, list) or not choices:
-        raise ConfigError(f"'knobs.{knob}.{key}'{_where(source)} must be a non-empty list, got {choices!r}")
+        raise ConfigError(f"'knobs.{name}.{key}'{_where(source)} must be a non-empty list, got {choices!r}")
+    k = knob(name)
+    out = []
     for v in choices:
-        if knob == "bits" and v not in KNOB_VALUES["bits"]:
-            raise ConfigError(f"'knobs.bits.{key}'{_where(source)} has {v!r}; allowed: 32, 16, 8, 4")
-        if knob == "prune" and not (isinstance(v, (int, float)) and 0 <= v < 1):
-            raise ConfigError(f"'knobs.prune.{key}'{_where(source)} has {v!r}; a pruning ratio must be in [0, 1)")
-        if knob == "rank" and not (isinstance(v, (int, float)) and 0 < v <= 1):
-            raise ConfigError(f"'knobs.rank.{key}'{_where(source)} has {v!r}; a kept-rank fraction must be in (0, 1]")
-    return tuple(float(v) if knob != "bits" else int(v) for v in dict.fromkeys(choices))
+        try:
+            out.append(k.check(v))
+        except ValueError as exc:
+            raise ConfigError(f"'knobs.{name}.{key}'{_where(source)} has {exc}") from None
+    return tuple(dict.fromkeys(out))
 
 
 def preset_path(name: str) -> Path:
@@ -385,8 +340,3 @@ def load_space(space: str | Path | Mapping[str, Any] | SearchSpace | None = None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return SearchSpace.from_dict(data or {}, source=str(path))
-
-
-def normalise_units(names: Sequence[str]) -> list[str]:
-    """Unique unit names in order."""
-    return list(dict.fromkeys(names))

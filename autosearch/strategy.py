@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from autosearch.analysis import QuantUnit, latency_by_unit, quant_units
-from autosearch.candidate import NEUTRAL, Candidate, SpaceUnits
+from autosearch.candidate import Candidate, SpaceUnits
+from autosearch.knobs import knob as get_knob
+from autosearch.knobs import knobs as all_knobs
 from autosearch.errors import CandidateError
 from autosearch.model import SourceModel
 from autosearch.space import SearchSpace
@@ -145,17 +147,10 @@ def narrowed_options(
     return fixed, why
 
 
-_STRUCTURAL = ("prune", "rank")
-
-
 def _mildest(space: SearchSpace, knob: str, unit: str) -> Any:
-    """The non-neutral structural value that changes ``unit`` least (smallest prune ratio, largest rank)."""
-    if knob not in _STRUCTURAL:
-        return None
-    vals = [v for v in space.knobs[knob].choices_for(unit) if v != NEUTRAL[knob]]
-    if not vals:
-        return None
-    return min(vals) if knob == "prune" else max(vals)
+    """The non-neutral value of a structural knob that changes ``unit`` least (smallest prune ratio, largest rank)."""
+    k = get_knob(knob)
+    return k.mildest(space.knobs[knob].choices_for(unit)) if k.structural else None
 
 
 def hopeless_structural(units: Sequence[Mapping[str, Any]], space: SearchSpace) -> tuple[dict[str, Any], list[str]]:
@@ -175,17 +170,18 @@ def hopeless_structural(units: Sequence[Mapping[str, Any]], space: SearchSpace) 
     why: list[str] = []
     for row in units:
         knob = row["knob"]
-        if knob not in _STRUCTURAL:
+        if not get_knob(knob).structural:
             continue
+        neutral = get_knob(knob).neutral
         first = (row.get("members") or [row["unit"]])[0]
         mild = _mildest(space, knob, first)
-        if mild is None or NEUTRAL[knob] not in space.knobs[knob].choices_for(first):
+        if mild is None or neutral not in space.knobs[knob].choices_for(first):
             continue
         drop = row.get(f"drop_distilled@{mild}") if distills else row.get(f"drop@{mild}")
         if drop is None or drop <= max_drop:
             continue
-        fixed[f"{row['unit']}.{knob}"] = NEUTRAL[knob]
-        why.append(f"{row['unit']}.{knob}={NEUTRAL[knob]} ({knob} {mild} alone{' and distilled' if distills else ''} drops {drop:.4f})")
+        fixed[f"{row['unit']}.{knob}"] = neutral
+        why.append(f"{row['unit']}.{knob}={neutral} ({knob} {mild} alone{' and distilled' if distills else ''} drops {drop:.4f})")
     return fixed, why
 
 
@@ -362,24 +358,13 @@ def analyze(
     qunits: dict[str, QuantUnit] = {u.name: u for u in quant_units(source.onnx_model, by_module=by_module)}
     shares = latency_by_unit(str(base_path), source.example_feed, units=list(qunits), by_module=by_module, threads=threads)
     total = sum(shares.values()) or 1.0
-    # modules of structural units (a prune group spans several layers)
-    modules: dict[str, tuple[str, ...]] = {}
+    # the layers each unit spans (a prune group spans several) and each layer's (in, out, full rank)
+    layers: dict[str, dict[str, tuple[str, ...]]] = {}
     dims: dict[str, tuple[int, int, int]] = {}
-    if source.origin == "torch" and (units.prune or units.rank):
-        from autosearch.transforms.structural import find_lowrank_units, find_prune_units
-
-        if units.prune:
-            for su in find_prune_units(source.torch_module, source.torch_example):
-                modules[su.name] = su.modules
-        if units.rank:
-            named = dict(source.torch_module.named_modules())
-            for su in find_lowrank_units(source.torch_module):
-                m = named.get(su.name)
-                w = getattr(m, "weight", None)
-                if w is not None:
-                    out_f = int(w.shape[0])
-                    in_f = int(np.prod(w.shape[1:]))
-                    dims[su.name] = (in_f, out_f, min(in_f, out_f))
+    for kb in all_knobs():
+        if units.of(kb.name):
+            layers[kb.name] = dict(kb.unit_layers(source))
+            dims.update(kb.unit_dims(source))
 
     def share_of(names: Sequence[str]) -> float:
         return sum(shares.get(n, 0.0) for n in names) / total
@@ -394,7 +379,8 @@ def analyze(
     sens_jobs: list[tuple[str, str, Any]] = []
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     members: dict[tuple[str, str], list[str]] = {}  # one row per sampled parameter: a unit, or a share group
-    for knob in ("bits", "prune", "rank"):
+    for kb in all_knobs():
+        knob = kb.name
         spec = space.knobs.get(knob)
         if spec is None:
             continue
@@ -403,7 +389,7 @@ def analyze(
         for (k, key), mem in members.items():
             if k != knob:
                 continue
-            mods = [m for u in mem for m in (modules.get(u, (u,)) if knob == "prune" else (u,))]
+            mods = [m for u in mem for m in layers.get(knob, {}).get(u, (u,))]
             row: dict[str, Any] = {"knob": knob, "unit": key, "latency_share": share_of(mods),
                                    "params": sum(qunits[m].params for m in mods if m in qunits),
                                    "mflops": sum(qunits[m].flops for m in mods if m in qunits) / 1e6}
@@ -411,14 +397,13 @@ def analyze(
                 row["members"] = list(mem)
             rows[(knob, key)] = row
             for val in spec.choices_for(mem[0]):
-                if (knob == "bits" and val == 32) or (knob == "prune" and val == 0) or (knob == "rank" and val >= 1):
-                    continue
-                sens_jobs.append((knob, key, val))
+                if kb.active(val):
+                    sens_jobs.append((knob, key, val))
     jobs = _ordered_variants(jobs, space)
     n = len(jobs) + len(sens_jobs)
     i = 0
     best_quant: dict[str, Any] | None = None
-    frac = space.strategy.get("analysis_budget", 0.25)
+    frac = space.strategy.analysis_budget
     budget_s: float | None = None
     per_build = 0.0
     skipped: list[str] = []
@@ -471,7 +456,7 @@ def analyze(
         best_quant = dict((feasible_u or faster or ok)[0]["quant"])
     bits_jobs = [j for j in sens_jobs if j[0] == "bits"]
     other_jobs = [j for j in sens_jobs if j[0] != "bits"]
-    mode = space.strategy.get("bits_sensitivity", "auto")
+    mode = space.strategy.bits_sensitivity
     estimate = bits_jobs and (mode == "estimate" or mode == "auto" and not affordable(0.6 * per_build * len(bits_jobs)))
     if estimate:
         done = _estimate_bits(rows, members, bits_jobs, source, space, units, uniform, best_quant, base_accuracy,
@@ -553,14 +538,10 @@ def analyze(
                 saving = (row["float_ms"] - row["int8_ms"]) / total if val == 8 else 0.0
             elif knob == "bits":
                 saving = row["latency_share"] * (1 - 1 / int8_speed) if int8_speed > 1 else 0.0
-            elif knob == "prune":
-                saving = row["latency_share"] * float(val)
-            else:
-                saving = 0.0
-                for m in mem:
-                    in_f, out_f, full = dims.get(m, (1, 1, 1))
-                    r = max(1, round(float(val) * full))
-                    saving += share_of([m]) * max(0.0, 1 - r * (in_f + out_f) / (in_f * out_f))
+            else:  # the knob's own model of what a value saves, per member unit
+                kb = get_knob(knob)
+                saving = sum(kb.estimated_saving(val, share=share_of(layers.get(knob, {}).get(m, (m,))), dims=dims.get(m))
+                             for m in mem)
             row[f"saving@{val}"] = saving
     out = Analysis(list(rows.values()), uniform, base_accuracy, base_latency_ms, time.perf_counter() - t0)
     out.best_quant = best_quant  # type: ignore[attr-defined]
@@ -610,13 +591,13 @@ def knapsack_candidates(
             spent += cost
         if not chosen:
             continue
-        knobs: dict[str, dict[str, Any]] = {"bits": {}, "prune": {}, "rank": {}}
+        knobs: dict[str, dict[str, Any]] = {}
         for (knob, unit), (_, value) in chosen.items():
             for m in group_members.get((knob, unit), [unit]):
-                knobs[knob][m] = value
-        quant = dict(best_quant or {}) if knobs["bits"] else {}
-        cand = Candidate(knobs["bits"], knobs["prune"], knobs["rank"], quant,
-                         space.recovery_with(distill="min") if (knobs["prune"] or knobs["rank"]) else {})
+                knobs.setdefault(knob, {})[m] = value
+        probe = Candidate(**knobs)
+        cand = Candidate(quant=dict(best_quant or {}) if probe.quantized else {},
+                         recovery=space.recovery_with(distill="min") if probe.structural else {}, **knobs)
         key = json.dumps(cand.to_dict(), sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)

@@ -72,10 +72,12 @@ def test_float_units_stay_float(small_source, small_problem, tmp_path: Path) -> 
     assert any("kept float" in n for n in res.notes)
 
 
-def test_unknown_unit_in_config_is_named(small_source) -> None:
+def test_unknown_unit_in_config_is_named(small_source, tmp_path: Path) -> None:
+    """A candidate naming a unit the model does not have is refused by the build (not silently left float)."""
     units = SpaceUnits(bits=tuple(_units(small_source)))
     with pytest.raises(ConfigError, match=r"unknown unit 'layer9.conv' for knob 'bits'.*units are: fc, layer1"):
-        Candidate(bits={"layer9.conv": 8}).validate(units)
+        build_candidate(small_source, Candidate(bits={"layer9.conv": 8}), tmp_path, units=units, calibration=[])
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_impossible_candidate_is_a_candidate_error(small_source, tmp_path: Path) -> None:

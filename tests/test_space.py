@@ -40,10 +40,19 @@ def test_fingerprint_ignores_budget_but_not_choices() -> None:
         ({"budget": {"n_trials": 0}}, r"'budget.n_trials' must be a positive integer"),
         ({"sampler": {"name": "cmaes"}}, r"'sampler.name' is 'cmaes'; allowed: nsga2, tpe, random"),
         ({"recovery": {"bn": True}}, r"unknown key 'recovery.bn'"),
-        ({"recovery": {"reconstruct": "always"}}, r"'recovery.reconstruct' is 'always'; use auto"),
+        ({"recovery": {"reconstruct": "always"}}, r"'recovery.reconstruct' has value 'always'; allowed: 'auto', True, False"),
+        # strict types: a quoted "no" is not a boolean (bool("no") would keep recalibration on)
+        ({"recovery": {"bn_recalibration": "no"}}, r"'recovery.bn_recalibration' has value 'no'; allowed: True, False"),
+        ({"recovery": {"distill_steps": [0, 1.5]}}, r"'recovery.distill_steps' is .*valid integer"),
+        ({"recovery": {"calibration_samples": 0}}, r"'recovery.calibration_samples' is 0: input should be greater than or equal to 1"),
+        ({"strategy": {"narrow": "yes"}}, r"'strategy.narrow' has value 'yes'; allowed: True, False"),
+        ({"strategy": {"analysis_budget": 1.5}}, r"'strategy.analysis_budget' is 1.5: input should be less than 1"),
+        ({"strategy": {"warm_start": [1]}}, r"unknown key 'strategy.warm_start'"),
+        ({"version": 2}, r"'version' is 2; this AutoSearch reads version 1"),
+        ({"plugins": ["no_such_module_xyz"]}, r"plugin module 'no_such_module_xyz' cannot be imported"),
         ({"knobs": {"prune": {"choices": [0.0], "by_unit": {"*.attn": [0.0, 1.0]}}}}, r"'knobs.prune.by_unit.\*.attn' has 1.0"),
         ({"knobs": {"prune": {"choices": [0.0], "by_unit": [0.5]}}}, r"'knobs.prune.by_unit' must map a unit-name pattern"),
-        ({"quantization": {"int4_block_size": [48]}}, r"'quantization.int4_block_size' has value 48; allowed: 32, 64, 128, 256"),
+        ({"quantization": {"int4_block_size": [48]}}, r"'quantization.int4_block_size' has value 48; allowed: 16, 32, 64, 128, 256"),
     ],
 )
 def test_bad_values_are_named(data: dict, message: str) -> None:
@@ -112,3 +121,28 @@ def test_by_unit_choices_per_pattern_are_sampled_per_unit(tmp_path: Path) -> Non
         study.tell(trial, 0.0)
     assert seen_attn == {0.0, 0.25}
     assert saw_int4_opts and saw_plain_int8
+
+
+def test_config_round_trips_through_a_dict_with_its_version() -> None:
+    """to_dict -> from_dict gives the same space (same fingerprint, same typed sections)."""
+    for name in ("cnn", "quant", "transformer"):
+        space = load_space(name)
+        d = space.to_dict()
+        assert d["version"] == 1
+        back = SearchSpace.from_dict(d)
+        assert back.fingerprint() == space.fingerprint()
+        assert back.quant == space.quant and back.recovery == space.recovery and back.strategy == space.strategy
+        assert back.to_dict() == d
+
+
+def test_one_default_per_option_reaches_the_build() -> None:
+    """The candidate's options are read through the same declaration the space's defaults come from."""
+    from autosearch.config import QuantSetting, RecoverySetting
+
+    space = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}})
+    assert space.quant_first() == {k: v for k, v in QuantSetting(per_channel=True).model_dump().items()
+                                   if not k.startswith("int4")}
+    assert space.recovery_with() == RecoverySetting().model_dump()
+    # a candidate that names no option gets the declared defaults (dynamic: per-tensor, ORT's own default)
+    assert QuantSetting.of({"mode": "dynamic"}).per_channel_in("dynamic") is False
+    assert QuantSetting.of({}).per_channel_in("static") is True

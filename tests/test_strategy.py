@@ -24,14 +24,14 @@ SPACE = {
 }
 
 
-def test_latency_share_covers_the_convolutions(small_source, tmp_path: Path) -> None:
+def test_latency_share_maps_every_profiled_unit_back(small_source, tmp_path: Path) -> None:
+    """Each weighted unit's profiled time comes back under its own name (how large a share the convolutions
+    take depends on the CPU and its load: benchmarks/, not here)."""
     path = small_source.save(tmp_path / "m.onnx")
     units = [u.name for u in quant_units(small_source.onnx_model, by_module=True)]
     shares = latency_by_unit(str(path), small_source.example_feed, units=units, by_module=True, runs=20)
-    total = sum(shares.values())
-    conv_time = sum(v for k, v in shares.items() if k != "(other)")
-    assert conv_time / total > 0.5  # convolutions dominate this CNN and are mapped back to their units
-    assert sum(1 for k in shares if k.startswith("layer")) >= 10
+    assert set(shares) <= {*units, "(other)"}
+    assert {u for u in units if shares.get(u, 0.0) > 0} == set(units)  # none lost to "(other)"
 
 
 def test_search_runs_analysis_and_starts_from_measured_candidates(small_problem, fast_target, tmp_path: Path) -> None:
@@ -87,11 +87,11 @@ def test_knapsack_spreads_from_cautious_to_aggressive() -> None:
     assert cands[0].prune == {} and len(cands[0].bits) == 2  # the cheapest items first
     assert cands[-1].prune  # a larger budget reaches the costlier knob
     for c in cands:
-        c.validate(SpaceUnits(bits=tuple(f"c{i}" for i in range(5)), prune=tuple(f"c{i}" for i in range(5))))
+        c.check(SpaceUnits(bits=tuple(f"c{i}" for i in range(5)), prune=tuple(f"c{i}" for i in range(5))))
 
 
 def test_uniform_structural_warm_start_uses_most_recovery_and_per_unit_choices() -> None:
-    from autosearch.study import _uniform_structural
+    from autosearch.steps.warm_start import uniform_structural as _uniform_structural
 
     space = SearchSpace.from_dict({
         "knobs": {"prune": {"choices": [0.0, 0.25, 0.5], "by_unit": {"*.attn": [0.0, 0.25]}}, "bits": [32, 8]},

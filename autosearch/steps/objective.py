@@ -1,0 +1,75 @@
+"""Step 4: one trial - sample a candidate, measure it through the store, record it in the trial."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+
+from autosearch.candidate import sample_candidate
+from autosearch.errors import CandidateError
+from autosearch.steps import SearchContext
+from autosearch.steps.baseline import Baseline
+from autosearch.store import CandidateStore
+
+__all__ = ["Objective", "Progress"]
+
+
+@dataclass
+class Objective:
+    """The Optuna objective: returns the space's objectives; a failing candidate raises
+    :class:`CandidateError` (a FAIL trial with ``fail_reason``), one far below the floor on a subset is pruned."""
+
+    ctx: SearchContext
+    store: CandidateStore
+    baseline: Baseline
+    floor: float | None
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        ctx = self.ctx
+        cand = sample_candidate(trial, ctx.space, ctx.units)
+        trial.set_user_attr("candidate", cand.to_dict())
+        trial.set_user_attr("summary", cand.summary())
+        trial.set_user_attr("onnx_path", str(self.store.model_path(cand)))
+        try:
+            rec = self.store.measure(cand, floor=self.floor)
+        except CandidateError as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        for k, v in rec.items():
+            trial.set_user_attr(k, v)
+        acc = rec["accuracy"]
+        trial.set_user_attr("accuracy_drop", self.baseline.accuracy - acc)
+        cons = 0.0 if self.floor is None else self.floor - acc
+        if self.floor is not None:
+            trial.set_constraint("accuracy_floor", cons)
+        trial.set_user_attr("feasible", cons <= 0)
+        trial.set_user_attr("baseline_latency_ms", self.baseline.latency_ms)
+        if rec.get("early_stopped"):
+            raise optuna.TrialPruned(f"scored {acc:.4f} on a subset, below the floor {self.floor:.4f}")
+        return tuple(float(rec[o]) for o in ctx.space.objectives)
+
+
+@dataclass
+class Progress:
+    """Optuna callback: one line per finished trial, ``[k/total]``."""
+
+    ctx: SearchContext
+    total: int
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        ua, say = trial.user_attrs, self.ctx.say
+        head = f"[{trial.number + 1:>3}/{self.total}] trial {trial.number:<3}"
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            flag = "" if ua.get("feasible", True) else "  (below floor)"
+            say(
+                f"{head} {self.ctx.evaluator.name} {ua['accuracy']:.4f} ({-ua['accuracy_drop']:+.4f})  "
+                f"{ua['latency_ms']:.3f} ms  {ua['speedup']:.2f}x  {ua['size_mb']:.2f} MB  {ua.get('summary', '')}"
+                + (" [cached]" if ua.get("cached") else "")
+                + flag
+            )
+        elif trial.state == optuna.trial.TrialState.PRUNED:
+            say(f"{head} stopped early: {ua.get('summary', '')}: subset score {ua.get('accuracy', float('nan')):.4f} below floor")
+        else:
+            reason = str(ua.get("fail_reason", trial.system_attrs.get("fail_reason", "?")))[:300]
+            say(f"{head} FAILED ({ua.get('summary', '')}): {reason}")

@@ -1,0 +1,119 @@
+"""The candidate store: one folder per candidate under ``<study>/candidates/<key>/``.
+
+Holds the built ``model.onnx`` and its ``metrics.json`` (scores and timings, or the error that
+failed it). The objective and the analysis measure through the same store, so a candidate is never
+built or measured twice, and a failed one is never retried. Records are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosearch.build import build_candidate
+from autosearch.candidate import Candidate
+from autosearch.errors import CandidateError
+from autosearch.evaluate import Evaluator
+from autosearch.model import SourceModel
+from autosearch.target import Target
+
+__all__ = ["CandidateStore", "read_json", "write_json"]
+
+
+@dataclass
+class CandidateStore:
+    """Build, score and time candidates of one study, caching each record by the candidate's key.
+
+    Attributes:
+        root: The study's folder (candidates go under ``root / "candidates"``).
+        source: The imported model.
+        units: Knob -> unit names (what the build checks candidates against).
+        calibration: Feeds for calibration.
+        evaluator: Scores a session.
+        target: Times a session.
+        base_latency_ms: The float model's latency (a candidate's ``speedup`` divides it).
+    """
+
+    root: Path
+    source: SourceModel
+    units: Mapping[str, Sequence[str]]
+    calibration: Sequence[dict[str, np.ndarray]]
+    evaluator: Evaluator
+    target: Target
+    base_latency_ms: float
+
+    def folder(self, cand: Candidate) -> Path:
+        return self.root / "candidates" / cand.key(self.source.fingerprint)
+
+    def model_path(self, cand: Candidate) -> Path:
+        return self.folder(cand) / "model.onnx"
+
+    def cached(self, cand: Candidate) -> dict[str, Any]:
+        """The stored record (empty when there is none, or it was cut short)."""
+        return read_json(self.folder(cand) / "metrics.json")
+
+    def failed(self, cand: Candidate) -> bool:
+        return "error" in self.cached(cand)
+
+    def measure(self, cand: Candidate, *, floor: float | None = None) -> dict[str, Any]:
+        """The candidate's record, measured now unless stored; ``cached: True`` when it was.
+
+        Raises:
+            CandidateError: it failed (now, or when it was first tried; the reason is stored).
+        """
+        rec = self.cached(cand)
+        if rec:
+            if "error" in rec:
+                raise CandidateError(rec["error"])
+            return {**rec, "cached": True}
+        mfile = self.folder(cand) / "metrics.json"
+        try:
+            rec = self._measure(cand, floor)
+        except CandidateError as exc:
+            write_json(mfile, {"error": str(exc)})
+            raise
+        write_json(mfile, rec)
+        return rec
+
+    def _measure(self, cand: Candidate, floor: float | None) -> dict[str, Any]:
+        built = build_candidate(self.source, cand, self.folder(cand), units=self.units, calibration=self.calibration)
+        sess = self.target.session(built.path)
+        t = time.perf_counter()
+        n = getattr(self.evaluator, "num_samples", 0)
+        size = built.path.stat().st_size / 1e6
+        rec: dict[str, Any] = {"build_s": built.seconds, "build_notes": built.notes, **built.stages}
+        if floor is not None and n >= 200:
+            sub = float(self.evaluator(sess, limit=max(100, n // 4)))
+            if sub < floor - 0.05:  # far below the floor on a quarter of the samples: no need to time it
+                rec.update(accuracy=sub, early_stopped=True, latency_ms=float("nan"), size_mb=size, speedup=float("nan"))
+                return rec
+        acc = float(self.evaluator(sess))
+        rec["eval_s"] = time.perf_counter() - t
+        lat = self.target.profile(sess, self.source.example_feed)
+        rec.update(accuracy=acc, latency_ms=lat.median_ms, latency=lat.as_dict(), size_mb=size,
+                   speedup=self.base_latency_ms / lat.median_ms)
+        return rec
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write a record atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(data), default=float))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A record; an unreadable one (a write cut short) counts as absent."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
