@@ -100,15 +100,18 @@ def _target(tmp_path: Path) -> Target:
 
 def test_export_float_trial_matches_the_original_exactly(study: Study, small_problem, tmp_path: Path) -> None:
     _, ev, example = small_problem
-    rep = export_trial(study, 0, tmp_path / "out", evaluator=ev, example_inputs=example, target=_target(tmp_path))
+    # latency within any factor counts as agreement here, so the verdict does not hang on machine load
+    rep = export_trial(study, 0, tmp_path / "out", evaluator=ev, example_inputs=example, target=_target(tmp_path),
+                       latency_tolerance=1e6)
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"model.onnx", "config.yaml", "metrics.json", "report.md", "report.json"} <= names
     assert rep.max_abs_diff == 0.0 and rep.diff_on.endswith("evaluation sample(s)")
     assert rep.measured["accuracy"] == pytest.approx(study.trials()["accuracy"][0], abs=1e-9)
     assert rep.measured["original_accuracy"] == pytest.approx(rep.measured["accuracy"], abs=1e-9)
-    assert rep.details["checks"]["accuracy"] is True and isinstance(rep.details["checks"]["latency"], bool)
+    assert rep.details["checks"] == {"accuracy": True, "latency": True} and rep.agrees is True
     assert rep.measured["latency_ms"] > 0 and rep.measured["original_latency_ms"] > 0
-    assert rep.verdict.startswith(("AGREES", "DIFFERS")) and rep.verdict in (tmp_path / "out" / "report.md").read_text()
+    assert rep.verdict == "AGREES: the re-measured figures (accuracy and latency) agree with the study's, within noise"
+    assert rep.verdict in (tmp_path / "out" / "report.md").read_text()
     js = json.loads((tmp_path / "out" / "report.json").read_text())
     assert js["trial"] == 0 and js["max_abs_diff"] == 0.0 and js["verdict"] == rep.verdict
 
@@ -165,8 +168,12 @@ def test_cli_export_rebuilds_the_evaluator_from_the_study(tmp_path: Path) -> Non
     assert out.returncode == 0, out.stderr
     out = _cli("export", "c", "--pick", "fastest:0.5", "-o", "exp", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "re-measured" in out.stdout and ("AGREES" in out.stdout or "DIFFERS" in out.stdout)
     rep = json.loads((tmp_path / "exp" / "report.json").read_text())
+    # the CLI has no tolerance flag, so latency agreement depends on machine load: the verdict printed
+    # must be the one the report's checks give (accuracy is checked True below)
+    assert "re-measured" in out.stdout and rep["verdict"] in out.stdout
+    assert rep["verdict"].startswith("AGREES" if rep["agrees"] else "DIFFERS")
+    assert rep["agrees"] == all(v for v in rep["checks"].values() if v is not None)
     assert rep["rule"] == "fastest:0.5" and rep["checks"]["accuracy"] is True  # labels rebuilt from the CLI spec
     assert rep["diff_on"] == "200 evaluation sample(s)"
     out = _cli("export", "c", "--pick", "fastest:1.5", cwd=tmp_path)

@@ -1,0 +1,379 @@
+"""Tests that each catch one real bug, proven by a one-line mutation (see every test's "Catches:").
+
+Real ONNX Runtime, Optuna (SQLite) and torch throughout; models are built in code (no training),
+so the file runs in seconds. No assertion compares the timings of two models: latency relations
+asserted here hold by construction (a ratio of the report's own figures, a lower bound set by
+a delay the test adds to one session).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import optuna
+import pytest
+import torch
+from conftest import tiny_onnx
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from autosearch import Candidate, FidelityEvaluator, LabelledEvaluator, Study, StudyMismatchError, Target, search
+from autosearch.errors import CandidateError
+
+QUANT_SPACE = {
+    "knobs": {"bits": {"choices": [32, 8]}},
+    "quantization": {"mode": ["static"], "activation_type": ["uint8"], "per_channel": [True], "calibration_samples": 32},
+    "constraints": {"max_accuracy_drop": None},
+    "strategy": {"analysis": False, "remeasure_front": False},
+}
+
+
+def _target(tmp: Path, threads: int = 1) -> Target:
+    return Target(threads=threads, warmup=3, min_runs=20, max_runs=200, max_seconds=0.3, lock_path=str(tmp / "lock"))
+
+
+def _plain_session(path: Path | str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------- 1. threads
+@pytest.mark.parametrize("threads", [2, 3])
+def test_target_session_carries_the_thread_count(tmp_path: Path, threads: int) -> None:
+    """Target(threads=N).session(path) runs with N intra-op threads (the figure every latency is recorded with).
+
+    Catches: autosearch/target.py, Target.session: the line
+    ``so.intra_op_num_threads = threads or self.threads`` deleted (ORT then picks its own count: 0 in the options).
+    """
+    path = tiny_onnx(tmp_path / "mlp.onnx")
+    t = Target(threads=threads)
+    assert t.session(path).get_session_options().intra_op_num_threads == threads
+    assert t.session(path, threads=1).get_session_options().intra_op_num_threads == 1  # the per-call override
+    assert Target(threads=threads).describe()["threads"] == threads
+
+
+# --------------------------------------------------------------------------- 2. every output scored
+def _two_output_model(path: Path, w1: np.ndarray) -> Path:
+    """x [batch, 8] -> y0 = x @ W0 and y1 = x @ W1 (two outputs, batch free)."""
+    w0 = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["y0"], name="head0"), helper.make_node("MatMul", ["x", "w1"], ["y1"], name="head1")],
+        "two_heads",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, ["batch", 6]),
+         helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["batch", 5])],
+        [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1.astype(np.float32), "w1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("metric", ["scaled_cosine", "cosine", "top1"])
+def test_fidelity_scores_every_output_not_only_the_first(tmp_path: Path, metric: str) -> None:
+    """A candidate identical on output 0 but wrong on output 1 scores clearly below 1 (the worst output counts).
+
+    Catches: autosearch/evaluate.py, FidelityEvaluator.__call__: ``return float(self._metric(outs, ref))``
+    changed to ``return float(self._metric(outs[:1], ref[:1]))`` (only the first output scored).
+    """
+    w1 = np.random.default_rng(1).standard_normal((8, 5)).astype(np.float32)
+    original = _two_output_model(tmp_path / "orig.onnx", w1)
+    wrong = _two_output_model(tmp_path / "wrong.onnx", -w1)  # output 1 negated: cosine -1, argmax never agrees
+    x = np.random.default_rng(2).standard_normal((40, 8)).astype(np.float32)
+    ev = FidelityEvaluator(x, metric=metric)
+    ev.prepare(_plain_session(original))
+    assert ev(_plain_session(original)) == pytest.approx(1.0)
+    cand = _plain_session(wrong)
+    out0 = cand.run(["y0"], {"x": x})[0]
+    assert np.array_equal(out0, _plain_session(original).run(["y0"], {"x": x})[0])  # output 0 really is identical
+    assert ev(cand) < 0.5
+
+
+# --------------------------------------------------------------------------- 3. low-rank keeps the bias
+def _low_rank_weight(rows: int, cols: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g) / rank
+
+
+def test_conv_and_linear_factors_keep_the_bias() -> None:
+    """A Conv2d / Linear whose weight has rank 4, factorized at rank 4, reproduces its outputs, bias included.
+
+    The bias is large (50 +- 10) so a factor without it is off by far more than float error.
+    At rank fraction 1.0 nothing is factorized and the layer is untouched.
+
+    Catches: autosearch/transforms/structural.py, _factorize: ``second_c = nn.Conv2d(r, cout, 1,
+    bias=module.bias is not None, ...)`` changed to ``bias=False`` (the conv's second factor loses the
+    bias); likewise ``second = nn.Linear(r, n_out, bias=module.bias is not None, ...)`` changed to
+    ``bias=False`` for the Linear.
+    """
+    from autosearch.transforms.structural import apply_structural, find_lowrank_units
+
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=True)
+    lin = nn.Linear(40, 24, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(_low_rank_weight(16, 8 * 9, 4, 0).reshape(16, 8, 3, 3))
+        conv.bias.copy_(50 + 10 * torch.randn(16, generator=torch.Generator().manual_seed(1)))
+        lin.weight.copy_(_low_rank_weight(24, 40, 4, 2))
+        lin.bias.copy_(50 + 10 * torch.randn(24, generator=torch.Generator().manual_seed(3)))
+    model = nn.ModuleDict({"conv": conv, "lin": lin})
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model
+
+        def forward(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.body["conv"](x), self.body["lin"](v)
+
+    net = Net().eval()
+    example = (torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(4)),
+               torch.randn(3, 40, generator=torch.Generator().manual_seed(5)))
+    assert {u.name for u in find_lowrank_units(net)} == {"body.conv", "body.lin"}
+    # conv: min(72, 16) = 16, 0.25 -> rank 4; linear: min(40, 24) = 24, 1/6 -> rank 4
+    new = apply_structural(net, example, rank={"body.conv": 0.25, "body.lin": 4 / 24})
+    assert isinstance(new.body["conv"], nn.Sequential) and new.body["conv"][1].out_channels == 16
+    assert new.body["conv"][0].out_channels == 4 and new.body["lin"][0].out_features == 4
+    with torch.no_grad():
+        want_c, want_l = net(*example)
+        got_c, got_l = new(*example)
+    assert float(want_c.abs().mean()) > 30  # the bias dominates the output: losing it is no rounding error
+    torch.testing.assert_close(got_c, want_c, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(got_l, want_l, atol=1e-3, rtol=1e-4)
+    # at fraction 1.0 the layers stay as they are
+    same = apply_structural(net, example, rank={"body.conv": 1.0, "body.lin": 1.0})
+    assert isinstance(same.body["conv"], nn.Conv2d) and isinstance(same.body["lin"], nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(same(*example)[0], want_c)
+
+
+def test_onnx_gemm_factors_keep_the_bias(tmp_path: Path) -> None:
+    """An ONNX Gemm (transB=1, bias C, beta 0.5) of rank-4 weight, factorized at rank 4 on the graph,
+    gives the original outputs, bias included.
+
+    Catches: autosearch/transforms/lowrank_onnx.py, apply_onnx_lowrank: the factor Gemm's inputs
+    ``[mid, b_name, *node.input[2:]]`` changed to ``[mid, b_name]`` (the bias C dropped).
+    """
+    from autosearch.transforms.lowrank_onnx import apply_onnx_lowrank, find_onnx_lowrank_units
+
+    w = _low_rank_weight(24, 40, 4, 7).numpy().astype(np.float32)  # (out, in): transB=1
+    c = (50 + 10 * np.random.default_rng(8).standard_normal(24)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", transB=1, beta=0.5)],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert find_onnx_lowrank_units(model) == [("fc", 40, 24)]
+    new = apply_onnx_lowrank(model, {"fc": 4 / 24})
+    ops = [n.op_type for n in new.graph.node]
+    assert ops == ["MatMul", "Gemm"]  # really factorized
+    x = np.random.default_rng(9).standard_normal((5, 40)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert float(np.abs(want).mean()) > 15
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- 4. resume checks the target
+def test_resume_with_another_thread_count_is_refused(tmp_path: Path) -> None:
+    """Resuming a study (same name and storage) with a Target of another thread count raises
+    StudyMismatchError naming the target; the study keeps its trials.
+
+    Catches: autosearch/study.py, _check_same: the entry
+    ``("target", "a different target", "use the same provider and thread count, ...")`` removed from ``checks``.
+    """
+    mlp = tiny_onnx(tmp_path / "mlp.onnx")
+    kw: dict[str, Any] = {"space": QUANT_SPACE, "study_name": "t", "studies_dir": tmp_path / "studies", "verbose": False}
+    search(mlp, target=_target(tmp_path, 1), n_trials=1, **kw)
+    with pytest.raises(StudyMismatchError, match=r"different target \(target: .*'threads': 1.*now .*'threads': 2.*thread count"):
+        search(mlp, target=_target(tmp_path, 2), n_trials=1, **kw)
+    assert list(Study.load("t", studies_dir=tmp_path / "studies").trials()["state"]) == ["COMPLETE"]  # nothing run, nothing lost
+    # the same target resumes (the queued int8 warm start runs now)
+    again = search(mlp, target=_target(tmp_path, 1), n_trials=1, **kw)
+    assert list(again.trials()["state"]) == ["COMPLETE", "COMPLETE"]
+
+
+# --------------------------------------------------------------------------- 5, 6. export re-measures
+def export_trial_(study: Study, number: int, out: Path, evaluator: Any, target: Target, **kw: Any) -> Any:
+    from autosearch.export import export_trial
+
+    return export_trial(study, number, out, evaluator=evaluator, target=target, rounds=3, **kw)
+
+
+@pytest.fixture(scope="module")
+def int8_study(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    """A study of the tiny MLP: trial 0 float, trial 1 uniform int8 (static QDQ); labels = the float argmax."""
+    home = tmp_path_factory.mktemp("catch_export")
+    mlp = tiny_onnx(home / "mlp.onnx")
+    x = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    y = _plain_session(mlp).run(None, {"x": x})[0].argmax(1)
+    study = search(mlp, LabelledEvaluator(x, y), space=QUANT_SPACE, target=_target(home), study_name="ex", n_trials=2,
+                   studies_dir=home / "studies", verbose=False)
+    t1 = study.optuna_study.trials[1]
+    assert t1.state == optuna.trial.TrialState.COMPLETE and set(study.candidate(1).bits.values()) == {8}
+    return study
+
+
+def test_export_rescores_with_the_evaluator_given(int8_study: Study, tmp_path: Path) -> None:
+    """The report's accuracy is the given evaluator's score of the exported file (recomputed here with
+    onnxruntime), not the study's recorded figure; the verdict then says DIFFERS, on accuracy.
+
+    The study scored agreement with the float argmax (about 1.0); the export's evaluator has other
+    samples and random labels (about 0.1), so the two figures are far apart by construction.
+
+    Catches: autosearch/export.py, export_trial: ``measured["accuracy"] = float(evaluator(exp_sess))``
+    changed to ``measured["accuracy"] = float(study_figures["accuracy"])`` (the stored trial accuracy).
+    """
+    study = int8_study
+    rng = np.random.default_rng(11)
+    x2 = rng.standard_normal((150, 16)).astype(np.float32)
+    y2 = rng.integers(0, 10, 150)
+    rep = export_trial_(study, 1, tmp_path / "out", LabelledEvaluator(x2, y2), _target(tmp_path))
+    exported = tmp_path / "out" / "model.onnx"
+    independent = float((_plain_session(exported).run(None, {"x": x2})[0].argmax(1) == y2).mean())
+    recorded = float(study.optuna_study.trials[1].user_attrs["accuracy"])
+    assert abs(independent - recorded) > 0.3  # the set-up tells the two apart
+    assert rep.measured["accuracy"] == pytest.approx(independent, abs=1e-12)
+    base_score = float((_plain_session(Path(study.dir) / "baseline.onnx").run(None, {"x": x2})[0].argmax(1) == y2).mean())
+    assert rep.measured["original_accuracy"] == pytest.approx(base_score, abs=1e-12)
+    assert rep.details["checks"]["accuracy"] is False and rep.agrees is False
+    assert rep.verdict.startswith("DIFFERS from the study: accuracy ")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["measured"]["accuracy"] == pytest.approx(independent, abs=1e-12)
+
+
+DELAY_S = 0.002
+
+
+class _Delayed:
+    """A real ONNX Runtime session whose every run first sleeps DELAY_S: it tags this session's timings
+    (each is at least DELAY_S) without touching what ORT computes."""
+
+    def __init__(self, sess: Any) -> None:
+        self._sess = sess
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(DELAY_S)
+        return self._sess.run(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sess, name)
+
+
+class _DelayExported(Target):
+    """The study's target, with the exported file's session (``model.onnx``) tagged by :class:`_Delayed`."""
+
+    def session(self, model: Any, *, threads: int | None = None) -> Any:
+        sess = super().session(model, threads=threads)
+        return _Delayed(sess) if isinstance(model, (str, Path)) and Path(model).name == "model.onnx" else sess
+
+
+def test_export_speedup_is_float_over_exported_latency_of_the_exported_file(int8_study: Study, tmp_path: Path) -> None:
+    """speedup == original_latency_ms / latency_ms of the report's own figures, and for the int8 trial
+    latency_ms is the exported file's: every run of that file's session is delayed DELAY_S, so its
+    median is at least DELAY_S by construction (the float model's session is not delayed).
+
+    Catches: autosearch/export.py, export_trial: ``measured["speedup"] = stats["original"].median_ms /
+    exp_lat.median_ms`` changed to ``exp_lat.median_ms / stats["original"].median_ms`` (inverted);
+    and ``exp_lat = stats["exported"]`` changed to ``exp_lat = stats["original"]`` (the float model's figure).
+    """
+    study = int8_study
+    x = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
+    tgt = _DelayExported(threads=1, warmup=2, min_runs=10, max_runs=40, max_seconds=0.2, lock_path=str(tmp_path / "lock"))
+    rep = export_trial_(study, 1, tmp_path / "q", FidelityEvaluator(x), tgt, example_inputs=x[:1])
+    exported = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in exported.graph.node}  # the int8 file
+    assert (tmp_path / "q" / "model.onnx").read_bytes() == Path(study.optuna_study.trials[1].user_attrs["onnx_path"]).read_bytes()
+    m = rep.measured
+    assert m["latency_ms"] >= 1000 * DELAY_S  # measured on the exported file's session
+    assert m["original_latency_ms"] > 0
+    assert m["speedup"] == pytest.approx(m["original_latency_ms"] / m["latency_ms"], rel=1e-12)
+    js = json.loads((tmp_path / "q" / "report.json").read_text())["measured"]
+    assert js["speedup"] == pytest.approx(js["original_latency_ms"] / js["latency_ms"], rel=1e-12)
+    assert f"{m['speedup']:.2f}x" in rep.table()
+
+
+# --------------------------------------------------------------------------- 7. quantizer failure
+def _bad_calibration_problem(tmp: Path) -> tuple[Path, FidelityEvaluator]:
+    """The tiny MLP (input [batch, 16]) with calibration samples of 8 features: ORT's quantizer fails on them."""
+    mlp = tiny_onnx(tmp / "mlp.onnx")
+    x = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    wrong = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
+    return mlp, FidelityEvaluator(x, calibration=wrong)
+
+
+def test_quantizer_failure_is_a_candidate_error(tmp_path: Path) -> None:
+    """build_candidate raises CandidateError (not ORT's own exception) when quantize_static rejects
+    the calibration feeds, and says which stage failed.
+
+    Catches: autosearch/build.py, quantize_model: ``raise CandidateError(f"quantize_static failed: ...") from exc``
+    changed to ``raise`` (ORT's InvalidArgument escapes).
+    """
+    from autosearch.build import build_candidate
+    from autosearch.model import import_model
+
+    mlp, ev = _bad_calibration_problem(tmp_path)
+    source = import_model(mlp)
+    units = ("fc1_matmul", "fc2")
+    cal = ev.calibration_feeds(8, source.input_names)
+    assert cal[0]["x"].shape == (1, 8)
+    cand = Candidate(bits={u: 8 for u in units}, quant={"mode": "static", "activation_type": "uint8", "per_channel": True})
+    with pytest.raises(CandidateError, match="quantize_static failed: .*(dimension|INVALID_ARGUMENT)") as info:
+        build_candidate(source, cand, tmp_path / "c", bits_units=units, calibration=cal)
+    assert type(info.value) is CandidateError
+    # the float candidate needs no calibration and builds
+    built = build_candidate(source, Candidate(), tmp_path / "f", bits_units=units, calibration=cal)
+    assert built.path.exists()
+
+
+def test_search_records_a_quantizer_failure_as_a_failed_trial_and_goes_on(tmp_path: Path) -> None:
+    """In a search, the int8 candidate whose quantization fails is a FAIL trial with the reason; the
+    float trial before it and the trials after it still run.
+
+    Catches: autosearch/build.py, quantize_model: ``raise CandidateError(f"quantize_static failed: ...") from exc``
+    changed to ``raise`` (the search then stops on ORT's exception).
+    """
+    mlp, ev = _bad_calibration_problem(tmp_path)
+    study = search(mlp, ev, space=QUANT_SPACE, target=_target(tmp_path), study_name="qf", studies_dir=tmp_path / "s",
+                   n_trials=4, verbose=False)
+    df = study.trials()
+    assert len(df) == 4  # the study went on after the failure
+    assert df["state"][0] == "COMPLETE" and df["config"][0] == "float"
+    assert df["state"][1] == "FAIL" and "quantize_static failed" in df["reason"][1]
+    assert set(study.optuna_study.trials[1].user_attrs["candidate"]["bits"].values()) == {8}
+    quantized = [i for i in range(4) if study.optuna_study.trials[i].user_attrs["candidate"]["bits"]]
+    assert all(df["state"][i] == "FAIL" for i in quantized)  # every quantized candidate fails the same way
+    assert all(df["state"][i] == "COMPLETE" for i in range(4) if i not in quantized)
+
+
+# --------------------------------------------------------------------------- 8. cache key and recovery
+def test_candidate_key_includes_recovery_of_structural_candidates() -> None:
+    """Two pruned candidates that differ only in recovery (distill_steps) build different models, so
+    their cache keys differ; equal candidates have equal keys; recovery of a candidate that changes no
+    structure builds nothing and does not change its key.
+
+    Catches: autosearch/candidate.py, Candidate.to_dict: ``"recovery": dict(sorted(self.recovery.items()))
+    if self.structural else {}`` changed to ``"recovery": {}`` (recovery left out of the key).
+    """
+    fp = "f" * 16
+    prune = {"layer2.0.conv1": 0.5}
+    a = Candidate(bits={}, prune=prune, quant={}, recovery={"distill_steps": 0, "bn_recalibration": True})
+    b = Candidate(bits={}, prune=prune, quant={}, recovery={"distill_steps": 100, "bn_recalibration": True})
+    a2 = Candidate(bits={}, prune=dict(prune), quant={}, recovery={"bn_recalibration": True, "distill_steps": 0})
+    assert a.key(fp) != b.key(fp)
+    assert a.key(fp) == a2.key(fp)
+    assert a.key(fp) != a.key("0" * 16)  # the source model counts too
+    r1 = Candidate(rank={"fc": 0.5}, recovery={"reconstruct": True})
+    r2 = Candidate(rank={"fc": 0.5}, recovery={"reconstruct": False})
+    assert r1.key(fp) != r2.key(fp)
+    q = {"mode": "static"}
+    assert Candidate(bits={"fc": 8}, quant=q, recovery={"distill_steps": 0}).key(fp) == \
+        Candidate(bits={"fc": 8}, quant=q, recovery={"distill_steps": 100}).key(fp)
