@@ -26,10 +26,9 @@ from typing import Any
 import yaml
 
 from autosearch.errors import ConfigError
+from autosearch.presets import preset_names, preset_path
 
 __all__ = ["KnobSpec", "SearchSpace", "load_space", "preset_path"]
-
-_PRESET_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 KNOB_VALUES: dict[str, tuple[Any, ...]] = {
     "bits": (32, 16, 8, 4),
@@ -354,12 +353,6 @@ def _knob_choices(knob: str, key: str, choices: Any, source: str | None) -> tupl
     return tuple(float(v) if knob != "bits" else int(v) for v in dict.fromkeys(choices))
 
 
-def preset_path(name: str) -> Path:
-    """Path of a preset in ``search_spaces/`` by name (``cnn`` or ``cnn.yaml``)."""
-    stem = name[:-5] if name.endswith(".yaml") else name
-    return _PRESET_DIR / f"{stem}.yaml"
-
-
 def load_space(space: str | Path | Mapping[str, Any] | SearchSpace | None = None) -> SearchSpace:
     """Load a space from a YAML path, a preset name, a mapping, or pass one through.
 
@@ -375,11 +368,9 @@ def load_space(space: str | Path | Mapping[str, Any] | SearchSpace | None = None
     name = "cnn" if space is None else str(space)
     path = Path(name)
     if not path.exists():
-        preset = preset_path(name)
-        if not preset.exists():
-            presets = sorted(p.stem for p in _PRESET_DIR.glob("*.yaml"))
-            raise ConfigError(f"search space {name!r} is neither a file nor a preset; presets: {', '.join(presets)}")
-        path = preset
+        if name.removesuffix(".yaml") not in preset_names():
+            raise ConfigError(f"search space {name!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
+        path = preset_path(name)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
