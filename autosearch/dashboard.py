@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from autosearch.knobs import known
 from autosearch.errors import ConfigError
+from autosearch.knobs import known
 
 __all__ = ["CATEGORIES", "DashboardData", "KnobMatrix", "dashboard_data", "figures", "hypervolume_2d", "write_dashboard"]
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from autosearch.knobs import known
 from autosearch.errors import ConfigError
+from autosearch.knobs import known
 
 __all__ = ["ExportReport", "export_trial", "pick_trial"]
 

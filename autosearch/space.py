@@ -15,11 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,9 @@ import yaml
 from autosearch.config import CONFIG_VERSION, QuantChoices, RecoveryChoices, StrategyConfig
 from autosearch.errors import ConfigError
 from autosearch.knobs import knob, knob_names, load_plugins
+from autosearch.presets import preset_names, preset_path
 
 __all__ = ["KnobSpec", "SearchSpace", "load_space", "preset_path"]
-
-_PRESET_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
 SAMPLERS = ("nsga2", "tpe", "random")
@@ -309,12 +308,6 @@ def _knob_choices(name: str, key: str, choices: Any, source: str | None) -> tupl
     return tuple(dict.fromkeys(out))
 
 
-def preset_path(name: str) -> Path:
-    """Path of a preset in ``search_spaces/`` by name (``cnn`` or ``cnn.yaml``)."""
-    stem = name[:-5] if name.endswith(".yaml") else name
-    return _PRESET_DIR / f"{stem}.yaml"
-
-
 def load_space(space: str | Path | Mapping[str, Any] | SearchSpace | None = None) -> SearchSpace:
     """Load a space from a YAML path, a preset name, a mapping, or pass one through.
 
@@ -330,11 +323,9 @@ def load_space(space: str | Path | Mapping[str, Any] | SearchSpace | None = None
     name = "cnn" if space is None else str(space)
     path = Path(name)
     if not path.exists():
-        preset = preset_path(name)
-        if not preset.exists():
-            presets = sorted(p.stem for p in _PRESET_DIR.glob("*.yaml"))
-            raise ConfigError(f"search space {name!r} is neither a file nor a preset; presets: {', '.join(presets)}")
-        path = preset
+        if name.removesuffix(".yaml") not in preset_names():
+            raise ConfigError(f"search space {name!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
+        path = preset_path(name)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -29,9 +29,9 @@ import numpy as np
 
 from autosearch.analysis import QuantUnit, latency_by_unit, quant_units
 from autosearch.candidate import Candidate, SpaceUnits
+from autosearch.errors import CandidateError
 from autosearch.knobs import knob as get_knob
 from autosearch.knobs import knobs as all_knobs
-from autosearch.errors import CandidateError
 from autosearch.model import SourceModel
 from autosearch.space import SearchSpace
 

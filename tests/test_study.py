@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-
 from conftest import tiny_onnx
 
 from autosearch import FidelityEvaluator, Study, StudyMismatchError, search

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_onnx
 
 from autosearch.errors import CandidateError, ConfigError
