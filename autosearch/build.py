@@ -73,7 +73,10 @@ def batch_feeds(feeds: Sequence[dict[str, np.ndarray]], batch: int) -> list[dict
     out = []
     for i in range(0, len(feeds), batch):
         chunk = feeds[i : i + batch]
-        out.append({k: np.concatenate([f[k] for f in chunk]) for k in chunk[0]})
+        if all(f.keys() == chunk[0].keys() and all(np.shape(f[k])[1:] == np.shape(chunk[0][k])[1:] for k in f) for f in chunk):
+            out.append({k: np.concatenate([f[k] for f in chunk]) for k in chunk[0]})
+        else:  # samples that do not stack stay one by one (the quantizer then says what it makes of them)
+            out.extend(chunk)
     return out
 
 

@@ -310,8 +310,24 @@ def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, sp
         raise ConfigError(no_units_reason(source, sp))
     calibration = evaluator.calibration_feeds(max(sp.calibration_samples, max(sp.recovery.calibration_samples)),
                                               source.input_names)
+    _check_calibration(calibration, source.example_feed)
     return SearchContext(space=sp, source=source, units=units, evaluator=evaluator, target=tgt, study_dir=study_dir,
                          calibration=calibration, say=say, verbose=verbose)
+
+
+def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mapping[str, np.ndarray]) -> None:
+    """Calibration samples shaped unlike the model's input would fail every quantized trial: say so now."""
+    if not calibration:
+        return
+    for name, ref in example.items():
+        got = calibration[0].get(name)
+        if got is None:
+            raise ConfigError(f"the calibration samples lack the model input {name!r} (they have {sorted(calibration[0])}); "
+                              "pass calibration= with one array per input")
+        if np.ndim(got) != np.ndim(ref) or np.shape(got)[1:] != np.shape(ref)[1:]:
+            raise ConfigError(f"calibration samples for input {name!r} have per-sample shape {list(np.shape(got)[1:])}, "
+                              f"the model's example input {list(np.shape(ref)[1:])}: pass calibration= data shaped like "
+                              "the evaluation inputs")
 
 
 def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapping[str, Any] | None) -> tuple[optuna.Study, int]:

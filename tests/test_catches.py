@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from autosearch import Candidate, FidelityEvaluator, LabelledEvaluator, Study, StudyMismatchError, Target, search
-from autosearch.errors import CandidateError
+from autosearch.errors import CandidateError, ConfigError
 
 QUANT_SPACE = {
     "knobs": {"bits": {"choices": [32, 8]}},
@@ -341,7 +341,12 @@ def test_search_records_a_quantizer_failure_as_a_failed_trial_and_goes_on(tmp_pa
     Catches: autosearch/build.py, quantize_model: ``raise CandidateError(f"quantize_static failed: ...") from exc``
     changed to ``raise`` (the search then stops on ORT's exception).
     """
-    mlp, ev = _bad_calibration_problem(tmp_path)
+    mlp, _ = _bad_calibration_problem(tmp_path)
+    x = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    # ragged calibration data: the first sample has the model's shape (the search's up-front check passes),
+    # the others 8 features, so ONNX Runtime's quantizer fails inside the trial
+    ragged = [{"x": x[:1]}] + [{"x": np.random.default_rng(i).standard_normal((1, 8)).astype(np.float32)} for i in range(31)]
+    ev = FidelityEvaluator(x, calibration=ragged)
     study = search(mlp, ev, space=QUANT_SPACE, target=_target(tmp_path), study_name="qf", studies_dir=tmp_path / "s",
                    n_trials=4, verbose=False)
     df = study.trials()
@@ -352,6 +357,15 @@ def test_search_records_a_quantizer_failure_as_a_failed_trial_and_goes_on(tmp_pa
     quantized = [i for i in range(4) if study.optuna_study.trials[i].user_attrs["candidate"]["bits"]]
     assert all(df["state"][i] == "FAIL" for i in quantized)  # every quantized candidate fails the same way
     assert all(df["state"][i] == "COMPLETE" for i in range(4) if i not in quantized)
+
+
+def test_calibration_shaped_unlike_the_model_is_refused_before_any_trial(tmp_path: Path) -> None:
+    mlp, ev = _bad_calibration_problem(tmp_path)
+    with pytest.raises(ConfigError, match=r"calibration samples for input 'x' have per-sample shape \[8\], the model's "
+                                          r"example input \[16\]"):
+        search(mlp, ev, space=QUANT_SPACE, target=_target(tmp_path), study_name="qc", studies_dir=tmp_path / "s",
+               n_trials=2, verbose=False)
+    assert not (tmp_path / "s" / "qc").exists()
 
 
 # --------------------------------------------------------------------------- 8. cache key and recovery
