@@ -367,7 +367,7 @@ def _int4_weight_only(path: Path, names: Sequence[str], q: QuantSetting) -> None
     try:
         _gemm_as_matmul(model, names)
         others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
-        q = MatMulNBitsQuantizer(
+        quantizer = MatMulNBitsQuantizer(
             model,
             bits=4,
             block_size=q.int4_block_size,
@@ -375,8 +375,8 @@ def _int4_weight_only(path: Path, names: Sequence[str], q: QuantSetting) -> None
             accuracy_level=q.int4_accuracy_level or None,
             nodes_to_exclude=others,  # nodes_to_include does not restrict: every MatMul is taken otherwise
         )
-        q.process()
-        q.model.save_model_to_file(str(path), use_external_data_format=False)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
     except Exception as exc:
         raise CandidateError(f"MatMulNBits int4 quantization failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
 

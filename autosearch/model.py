@@ -288,10 +288,6 @@ def export_onnx(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    kwargs: dict[str, Any] = {}
-                    if dynamo:
-                        kwargs["dynamic_shapes"] = None
-                        kwargs["verbose"] = False
                     torch.onnx.export(
                         module,
                         inputs,
@@ -302,7 +298,7 @@ def export_onnx(
                         dynamic_axes=axes,
                         do_constant_folding=True,
                         dynamo=dynamo,
-                        **({} if not dynamo else {"external_data": False}),
+                        external_data=not dynamo,  # dynamo: weights inside the .onnx; True is the default (and unused) otherwise
                     )
                 return path
             except Exception as exc:  # exporter failures are many and varied
