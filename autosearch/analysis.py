@@ -56,10 +56,10 @@ def op_groups(model: onnx.ModelProto, unit_of_node: dict[str, str]) -> dict[str,
     for node in reversed(list(g.node)):
         below = False
         reach: str | None = None
-        for out in node.output:
-            if out in outputs and reach is None:
-                reach = out
-            for c in consumers.get(out, []):
+        for o in node.output:
+            if o in outputs and reach is None:
+                reach = o
+            for c in consumers.get(o, []):
                 if c.name in unit_of_node or weighted_below.get(c.name, False):
                     below = True
                 if reach is None and c.name in first_output:

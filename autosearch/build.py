@@ -470,8 +470,8 @@ class BuildState:
         by_module = source.origin == "torch"
         unit_of_node = node_unit_map(proto, by_module=by_module, known_units=bits_units)
         if not by_module:
-            unit_of_node = {n: _onnx_unit(n, bits_units) for n in unit_of_node}
-            unit_of_node = {n: u for n, u in unit_of_node.items() if u}
+            onnx_units = {n: _onnx_unit(n, bits_units) for n in unit_of_node}
+            unit_of_node = {n: u for n, u in onnx_units.items() if u}
         cal = list(self.calibration)
         if opts.calibrate_method != "minmax" and opts.mode == "static":
             # histogram calibrators keep every sample's activations until the end: bound the sample count
@@ -568,6 +568,7 @@ def _structural(source: SourceModel, recovery: Mapping[str, Any], edits: Mapping
     rec = RecoverySetting.of(recovery)
     feeds = calibration[: rec.calibration_samples]
     names = source.input_names
+    assert source.torch_example is not None  # structural edits come only for origin "torch", which sets it
     cal_batches = [tuple(torch.from_numpy(b[n]) for n in names) for b in batch_feeds(feeds, 32)]
     module = source.torch_module
     try:

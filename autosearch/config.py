@@ -116,7 +116,8 @@ def _choices_model(setting: type[_Strict], name: str, extra: dict[str, Any] | No
     or ``defaults[option]`` where the space's default is not the setting's)."""
     fields: dict[str, Any] = {}
     for opt, f in setting.model_fields.items():
-        item = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation  # keep ge/gt per choice
+        args = (f.annotation, *f.metadata)  # a name, not inline: mypy 2's parser takes Annotated[(a, *b)] for 3.11-only A[a, *b]
+        item = Annotated[args] if f.metadata else f.annotation  # keep ge/gt per choice
         fields[opt] = (tuple[item, ...], ((defaults or {}).get(opt, f.default),))  # type: ignore[valid-type]
     fields.update(extra or {})
 
@@ -124,14 +125,14 @@ def _choices_model(setting: type[_Strict], name: str, extra: dict[str, Any] | No
         vals = v if isinstance(v, (list, tuple)) else [v]
         if not vals:
             raise ValueError("must list at least one choice")
-        out = []
+        out: list[Any] = []
         for x in vals:  # True == 1 for dict keys: keep the type in the key
             if (type(x), x) not in {(type(y), y) for y in out}:
                 out.append(x)
         return tuple(out)
 
     validators = {"_listed": field_validator(*setting.model_fields, mode="before")(listed)}
-    model = create_model(name, __base__=_Strict, __validators__=validators, **fields)  # type: ignore[call-overload]
+    model = create_model(name, __base__=_Strict, __validators__=validators, **fields)
     model._section = setting._section
     return model
 

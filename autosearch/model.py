@@ -361,7 +361,7 @@ class SourceModel:
         return p
 
 
-_NP_TYPES = {
+_NP_TYPES: dict[int, type[np.generic]] = {  # keyed by the int elem_type of a TypeProto.Tensor
     onnx.TensorProto.FLOAT: np.float32,
     onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16,

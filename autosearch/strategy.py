@@ -386,8 +386,8 @@ def analyze(
             continue
         for unit in units.of(knob):
             members.setdefault((knob, spec.group_of(unit) or unit), []).append(unit)
-        for (k, key), mem in members.items():
-            if k != knob:
+        for (of_knob, key), mem in members.items():
+            if of_knob != knob:
                 continue
             mods = [m for u in mem for m in layers.get(knob, {}).get(u, (u,))]
             row: dict[str, Any] = {"knob": knob, "unit": key, "latency_share": share_of(mods),
@@ -481,7 +481,7 @@ def analyze(
         if knob == "bits":
             cand = Candidate(bits=setting, quant=best_quant or {"mode": "static"})
         else:
-            cand = Candidate(**{knob: setting}, recovery=space.recovery_with(distill="min"))  # type: ignore[arg-type]
+            cand = Candidate(**{knob: setting}, recovery=space.recovery_with(distill="min"))
         try:
             score = score_subset(cand)
             rows[(knob, unit)][f"drop@{val}"] = max(0.0, base_accuracy - score)
@@ -505,7 +505,7 @@ def analyze(
             skipped.append("distilled re-scores")
             break
         _progress(i, n, f"{knob} {unit}={val} distilled", t0, say)
-        cand = Candidate(**{knob: {m: val for m in members[(knob, unit)]}}, recovery=rec_max)  # type: ignore[arg-type]
+        cand = Candidate(**{knob: {m: val for m in members[(knob, unit)]}}, recovery=rec_max)
         try:
             rows[(knob, unit)][f"drop_distilled@{val}"] = max(0.0, base_accuracy - score_subset(cand))
         except CandidateError:
