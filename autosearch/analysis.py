@@ -155,7 +155,7 @@ def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - shapes are optional here: InferenceError, ValueError (> 2 GB), ... give none
         return {}
     out: dict[str, list[int]] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):

@@ -121,7 +121,7 @@ def activation_bytes(source: SourceModel) -> int:
         total = sum(int(np.asarray(o).nbytes) for o in outs if isinstance(o, np.ndarray))
         rows = max(1, min((len(v) for v in source.example_feed.values() if np.ndim(v)), default=1))
         total //= rows
-    except Exception:  # too large to serialize, or an output ORT cannot expose: assume the input x 100
+    except Exception:  # noqa: BLE001 - too large to serialize, or an output ORT cannot expose: assume the input x 100
         total = 100 * sum(int(np.asarray(v).nbytes) for v in source.example_feed.values())
     source._activation_bytes = total  # type: ignore[attr-defined]
     return total
@@ -190,7 +190,7 @@ def quantize_model(
             with _cwd(work):
                 try:
                     quant_pre_process(str(src), str(pre))
-                except Exception:
+                except Exception:  # noqa: BLE001 - symbolic shape inference fails in many ways; the retry skips it
                     try:
                         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
                     except Exception as exc:

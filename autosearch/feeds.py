@@ -142,7 +142,7 @@ def can_batch(session: Any, feeds: Sequence[Mapping[str, np.ndarray]]) -> bool:
     try:
         singles = [session.run(None, dict(f)) for f in pair]
         joined = session.run(None, concat_feeds(pair))
-    except Exception:
+    except Exception:  # noqa: BLE001 - any ORT failure on a joined batch means: do not batch
         return False
     n0 = len(next(iter(pair[0].values())))
     for i, out in enumerate(joined):

@@ -221,7 +221,7 @@ def resolve_metric(metric: str | Metric) -> Metric:
         mod_name, _, fn_name = metric.partition(":")
         try:
             mod = importlib.import_module(mod_name)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - ImportError or anything the user's module raises: a ConfigError naming it
             raise ConfigError(f"metric {metric!r}: cannot import module {mod_name!r} ({type(exc).__name__}: {exc}); "
                               "is it on PYTHONPATH?") from None
         fn = getattr(mod, fn_name, None)

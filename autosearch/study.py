@@ -141,7 +141,7 @@ class Study:
         if df.empty:
             return df
         if feasible_only and df["feasible"].any():
-            df = df[df["feasible"] == True]  # noqa: E712
+            df = df[df["feasible"] == True]
         objectives = list(self.meta.get("objectives", ["accuracy", "latency_ms"]))
         signs = np.array([1.0 if OBJECTIVES[o] == "minimize" else -1.0 for o in objectives])
         vals = df[objectives].to_numpy(dtype=float) * signs
