@@ -56,10 +56,10 @@ def op_groups(model: onnx.ModelProto, unit_of_node: dict[str, str]) -> dict[str,
     for node in reversed(list(g.node)):
         below = False
         reach: str | None = None
-        for out in node.output:
-            if out in outputs and reach is None:
-                reach = out
-            for c in consumers.get(out, []):
+        for o in node.output:
+            if o in outputs and reach is None:
+                reach = o
+            for c in consumers.get(o, []):
                 if c.name in unit_of_node or weighted_below.get(c.name, False):
                     below = True
                 if reach is None and c.name in first_output:
@@ -155,7 +155,7 @@ def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - shapes are optional here: InferenceError, ValueError (> 2 GB), ... give none
         return {}
     out: dict[str, list[int]] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):

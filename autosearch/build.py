@@ -124,7 +124,7 @@ def activation_bytes(source: SourceModel) -> int:
         total = sum(int(np.asarray(o).nbytes) for o in outs if isinstance(o, np.ndarray))
         rows = max(1, min((len(v) for v in source.example_feed.values() if np.ndim(v)), default=1))
         total //= rows
-    except Exception:  # too large to serialize, or an output ORT cannot expose: assume the input x 100
+    except Exception:  # noqa: BLE001 - too large to serialize, or an output ORT cannot expose: assume the input x 100
         total = 100 * sum(int(np.asarray(v).nbytes) for v in source.example_feed.values())
     source._activation_bytes = total  # type: ignore[attr-defined]
     return total
@@ -193,7 +193,7 @@ def quantize_model(
             with _cwd(work):
                 try:
                     quant_pre_process(str(src), str(pre))
-                except Exception:
+                except Exception:  # noqa: BLE001 - symbolic shape inference fails in many ways; the retry skips it
                     try:
                         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
                     except Exception as exc:
@@ -370,7 +370,7 @@ def _int4_weight_only(path: Path, names: Sequence[str], q: QuantSetting) -> None
     try:
         _gemm_as_matmul(model, names)
         others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
-        q = MatMulNBitsQuantizer(
+        quantizer = MatMulNBitsQuantizer(
             model,
             bits=4,
             block_size=q.int4_block_size,
@@ -378,8 +378,8 @@ def _int4_weight_only(path: Path, names: Sequence[str], q: QuantSetting) -> None
             accuracy_level=q.int4_accuracy_level or None,
             nodes_to_exclude=others,  # nodes_to_include does not restrict: every MatMul is taken otherwise
         )
-        q.process()
-        q.model.save_model_to_file(str(path), use_external_data_format=False)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
     except Exception as exc:
         raise CandidateError(f"MatMulNBits int4 quantization failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
 
@@ -473,8 +473,8 @@ class BuildState:
         by_module = source.origin == "torch"
         unit_of_node = node_unit_map(proto, by_module=by_module, known_units=bits_units)
         if not by_module:
-            unit_of_node = {n: _onnx_unit(n, bits_units) for n in unit_of_node}
-            unit_of_node = {n: u for n, u in unit_of_node.items() if u}
+            onnx_units = {n: _onnx_unit(n, bits_units) for n in unit_of_node}
+            unit_of_node = {n: u for n, u in onnx_units.items() if u}
         cal = list(self.calibration)
         if opts.calibrate_method != "minmax" and opts.mode == "static":
             # histogram calibrators keep every sample's activations until the end: bound the sample count
@@ -571,6 +571,7 @@ def _structural(source: SourceModel, recovery: Mapping[str, Any], edits: Mapping
     rec = RecoverySetting.of(recovery)
     feeds = calibration[: rec.calibration_samples]
     names = source.input_names
+    assert source.torch_example is not None  # structural edits come only for origin "torch", which sets it
     cal_batches = [tuple(torch.from_numpy(b[n]) for n in names) for b in batch_feeds(feeds, 32)]
     module = source.torch_module
     try:

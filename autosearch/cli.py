@@ -223,13 +223,13 @@ def _cmd(args: argparse.Namespace) -> int:
         from autosearch.study import Study
 
         st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
-        spec = st.optuna_study.user_attrs.get("cli_spec")
-        if not spec:
+        saved = st.optuna_study.user_attrs.get("cli_spec")
+        if not saved:
             raise ConfigError(
                 f"study {args.study!r} was created from Python, so the CLI does not know its model: "
                 "resume it by calling autosearch.search(...) again with the same study_name"
             )
-        _run_search(dict(spec), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
+        _run_search(dict(saved), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
                     n_trials=args.n_trials, timeout=args.timeout)
         return 0
     if args.command == "front":
@@ -263,7 +263,7 @@ def _cmd(args: argparse.Namespace) -> int:
             st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
             blob = st.optuna_study.user_attrs.get("analysis")
             df = st.analysis()
-            if df is None:
+            if df is None or blob is None:  # None together: st.analysis() reads the same attribute
                 raise ConfigError(f"study {args.study!r} has no analysis: it ran with strategy.analysis false; "
                                   "run `autosearch analyze --sensitivity --study <new name>` for one")
             print(f"analysis of study {args.study!r} ({blob['seconds']:.0f} s); uniform int8 variants:")

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, Union
@@ -62,7 +63,7 @@ class QuantSetting(_Strict):
     _section = "quantization"
     mode: Literal["static", "dynamic"] = "static"
     activation_type: Literal["uint8", "int8"] = "uint8"
-    per_channel: Union[bool, None] = None  # None: per-channel in static mode, per-tensor in dynamic (ORT's defaults)
+    per_channel: bool | None = None  # None: per-channel in static mode, per-tensor in dynamic (ORT's defaults)
     reduce_range: bool = False  # 7-bit weights: avoids u8s8 saturation on CPUs without VNNI
     preprocess: bool = False  # onnxruntime.quantization.shape_inference.quant_pre_process first
     op_scope: Literal["all", "weighted"] = "all"  # weighted: Conv/MatMul/Gemm only; all: every op a unit owns
@@ -86,7 +87,7 @@ class RecoverySetting(_Strict):
 
     _section = "recovery"
     bn_recalibration: bool = True  # a pruned CNN without it falls to chance
-    reconstruct: Union[Literal["auto"], bool] = "auto"  # least-squares refit; auto: only without distillation
+    reconstruct: Literal["auto"] | bool = "auto"  # least-squares refit; auto: only without distillation
     calibration_samples: int = Field(200, ge=1)
     distill_steps: int = Field(0, ge=0)
     distill_lr: float = Field(3e-4, gt=0)
@@ -97,7 +98,7 @@ class StrategyConfig(_Strict):
 
     _section = "strategy"
     analysis: bool = True  # measure latency shares, uniform int8 variants and sensitivities first
-    analysis_budget: Union[float, None] = Field(0.25, gt=0, lt=1)  # fraction of the search's wall time; None: no bound
+    analysis_budget: float | None = Field(0.25, gt=0, lt=1)  # fraction of the search's wall time; None: no bound
     bits_sensitivity: Literal["auto", "measure", "estimate"] = "auto"
     sensitivity_samples: int = Field(150, ge=1)
     warm_start_budgets: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # x max_accuracy_drop
@@ -116,7 +117,8 @@ def _choices_model(setting: type[_Strict], name: str, extra: dict[str, Any] | No
     or ``defaults[option]`` where the space's default is not the setting's)."""
     fields: dict[str, Any] = {}
     for opt, f in setting.model_fields.items():
-        item = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation  # keep ge/gt per choice
+        args = (f.annotation, *f.metadata)  # a name, not inline: mypy 2's parser takes Annotated[(a, *b)] for 3.11-only A[a, *b]
+        item = Annotated[args] if f.metadata else f.annotation  # keep ge/gt per choice
         fields[opt] = (tuple[item, ...], ((defaults or {}).get(opt, f.default),))  # type: ignore[valid-type]
     fields.update(extra or {})
 
@@ -124,14 +126,14 @@ def _choices_model(setting: type[_Strict], name: str, extra: dict[str, Any] | No
         vals = v if isinstance(v, (list, tuple)) else [v]
         if not vals:
             raise ValueError("must list at least one choice")
-        out = []
+        out: list[Any] = []
         for x in vals:  # True == 1 for dict keys: keep the type in the key
             if (type(x), x) not in {(type(y), y) for y in out}:
                 out.append(x)
         return tuple(out)
 
     validators = {"_listed": field_validator(*setting.model_fields, mode="before")(listed)}
-    model = create_model(name, __base__=_Strict, __validators__=validators, **fields)  # type: ignore[call-overload]
+    model = create_model(name, __base__=_Strict, __validators__=validators, **fields)
     model._section = setting._section
     return model
 
@@ -224,7 +226,7 @@ def _allowed(model: type[BaseModel], field: str) -> str | None:
     if typing.get_origin(ann) is tuple:
         ann = typing.get_args(ann)[0]
     args: list[Any] = []
-    for part in (typing.get_args(ann) if typing.get_origin(ann) is Union else (ann,)):
+    for part in (typing.get_args(ann) if typing.get_origin(ann) in (Union, types.UnionType) else (ann,)):  # Union[a, b], a | b
         if typing.get_origin(part) is Literal:
             args += list(typing.get_args(part))
         elif part is bool:

@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -105,7 +105,7 @@ class DashboardData:
 
 
 # --------------------------------------------------------------------------- data
-def hypervolume_2d(points: Sequence[Sequence[float]] | np.ndarray, reference: Sequence[float]) -> float:
+def hypervolume_2d(points: Sequence[Sequence[float]] | np.ndarray, reference: Sequence[float] | np.ndarray) -> float:
     """Area dominated by ``points`` (both objectives minimised) and bounded by ``reference``.
 
     Example:
@@ -152,7 +152,7 @@ def _unit_lines(cand: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _num(v: Any) -> bool:
+def _num(v: Any) -> TypeGuard[int | float | np.floating]:
     """A finite number (not None, not NaN)."""
     return isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) and math.isfinite(float(v))
 

@@ -44,7 +44,7 @@ def _length(inputs: Inputs) -> int:
         return len(next(iter(inputs.values())))
     if isinstance(inputs, np.ndarray):
         return len(inputs)
-    return len(inputs) if inputs and isinstance(inputs[0], Mapping) else len(inputs[0])  # type: ignore[index]
+    return len(inputs) if inputs and isinstance(inputs[0], Mapping) else len(inputs[0])
 
 
 def _check_shapes(session: Any, samples: Samples) -> None:

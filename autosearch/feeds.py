@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -35,7 +35,7 @@ __all__ = ["Inputs", "Samples", "batches_of", "can_batch", "concat_feeds", "sess
 Inputs = np.ndarray | Sequence[np.ndarray] | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]
 
 
-def _is_feed_list(data: Any) -> bool:
+def _is_feed_list(data: Any) -> TypeGuard[Sequence[Mapping[str, np.ndarray]]]:
     return isinstance(data, Sequence) and not isinstance(data, (str, bytes, np.ndarray)) and len(data) > 0 \
         and isinstance(data[0], Mapping)
 
@@ -63,7 +63,7 @@ class Samples:
         self._arrays: dict[str, np.ndarray] = {}
         self._whole: dict[str, bool] = {}  # True: x[i] is a complete input; False: x[i:i+1]
         if _is_feed_list(data):
-            feeds = [dict(f) for f in data]  # type: ignore[union-attr]
+            feeds = [dict(f) for f in data]
             for k, f in enumerate(feeds):
                 missing = [n for n in self.names if n not in f]
                 if missing:
@@ -77,7 +77,7 @@ class Samples:
                 raise ConfigError(f"the data lacks model input(s) {missing}; it has {sorted(data)}")
             arrays = {n: np.asarray(data[n]) for n in self.names}
         else:
-            seq = [np.asarray(data)] if isinstance(data, np.ndarray) else [np.asarray(a) for a in data]  # type: ignore[union-attr]
+            seq = [np.asarray(data)] if isinstance(data, np.ndarray) else [np.asarray(a) for a in data]
             if len(seq) != len(self.names):
                 raise ConfigError(f"the data has {len(seq)} array(s) but the model has {len(self.names)} input(s) {self.names}")
             arrays = dict(zip(self.names, seq))
@@ -142,11 +142,11 @@ def can_batch(session: Any, feeds: Sequence[Mapping[str, np.ndarray]]) -> bool:
     try:
         singles = [session.run(None, dict(f)) for f in pair]
         joined = session.run(None, concat_feeds(pair))
-    except Exception:
+    except Exception:  # noqa: BLE001 - any ORT failure on a joined batch means: do not batch
         return False
     n0 = len(next(iter(pair[0].values())))
-    for k, out in enumerate(joined):
-        a, b = np.asarray(singles[0][k]), np.asarray(singles[1][k])
+    for i, out in enumerate(joined):
+        a, b = np.asarray(singles[0][i]), np.asarray(singles[1][i])
         want = np.concatenate([a, b]) if a.ndim else None
         out = np.asarray(out)
         if want is None or out.shape != want.shape or len(a) != n0:

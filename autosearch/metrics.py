@@ -55,7 +55,7 @@ def _pairs(outputs: Sequence[Any], reference: Sequence[Any]) -> list[tuple[np.nd
     """(got, ref) array pairs, per output; a per-sample list output gives one pair per sample."""
     if len(outputs) != len(reference):
         raise CandidateError(f"the candidate has {len(outputs)} output(s), the original {len(reference)}")
-    out = []
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     for got, ref in zip(outputs, reference):
         if isinstance(got, list) or isinstance(ref, list):
             if not (isinstance(got, list) and isinstance(ref, list)) or len(got) != len(ref):
@@ -221,13 +221,13 @@ def resolve_metric(metric: str | Metric) -> Metric:
         mod_name, _, fn_name = metric.partition(":")
         try:
             mod = importlib.import_module(mod_name)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - ImportError or anything the user's module raises: a ConfigError naming it
             raise ConfigError(f"metric {metric!r}: cannot import module {mod_name!r} ({type(exc).__name__}: {exc}); "
                               "is it on PYTHONPATH?") from None
         fn = getattr(mod, fn_name, None)
         if not callable(fn):
             raise ConfigError(f"metric {metric!r}: module {mod_name!r} has no function {fn_name!r}")
-        return fn  # type: ignore[no-any-return]
+        return fn
     raise ConfigError(
         f"metric {metric!r} is not known; built-ins: {', '.join(BUILTINS)}, or 'package.module:function' "
         "naming a function (outputs, reference) -> float"

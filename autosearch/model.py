@@ -47,7 +47,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise ConfigError(f"model path {str(p)!r} is a directory: pass the path of an .onnx file")
     try:
         model = onnx.load(str(p))
-    except Exception as exc:  # onnx raises DecodeError, ValueError, ... on bad bytes
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, ValueError, ... on bad bytes
         raise ConfigError(
             f"{str(p)!r} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
             "export your model with torch.onnx.export or pass the nn.Module itself"
@@ -64,7 +64,7 @@ def _check(model: onnx.ModelProto, what: str) -> None:
     except ValueError as exc:
         if "2GB" not in str(exc) and "2 GB" not in str(exc):
             raise ConfigError(f"{what} fails onnx.checker: {exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - ValidationError and others from the checker: a ConfigError with its message
         raise ConfigError(f"{what} fails onnx.checker: {str(exc)[:600]}") from None
 
 
@@ -224,7 +224,7 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     try:
         up = version_converter.convert_version(model, version)
         onnx.checker.check_model(up)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the converter fails in many ways: the candidate fails with the reason
         raise CandidateError(
             f"this setting needs opset {version} and onnx.version_converter could not upgrade the model from opset "
             f"{have}: {type(exc).__name__}: {str(exc)[:300]}"
@@ -288,10 +288,6 @@ def export_onnx(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    kwargs: dict[str, Any] = {}
-                    if dynamo:
-                        kwargs["dynamic_shapes"] = None
-                        kwargs["verbose"] = False
                     torch.onnx.export(
                         module,
                         inputs,
@@ -302,10 +298,10 @@ def export_onnx(
                         dynamic_axes=axes,
                         do_constant_folding=True,
                         dynamo=dynamo,
-                        **({} if not dynamo else {"external_data": False}),
+                        external_data=not dynamo,  # dynamo: weights inside the .onnx; True is the default (and unused) otherwise
                     )
                 return path
-            except Exception as exc:  # exporter failures are many and varied
+            except Exception as exc:  # noqa: BLE001 - exporter failures are many and varied; each is reported
                 errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}")
     finally:
         module.train(was_training)
@@ -365,7 +361,7 @@ class SourceModel:
         return p
 
 
-_NP_TYPES = {
+_NP_TYPES: dict[int, type[np.generic]] = {  # keyed by the int elem_type of a TypeProto.Tensor
     onnx.TensorProto.FLOAT: np.float32,
     onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16,
@@ -443,7 +439,7 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
         try:
             with torch.no_grad():
                 module(*inputs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises: a ConfigError with the shapes
             shapes = [tuple(t.shape) for t in inputs]
             raise ConfigError(f"the model does not run on example_inputs of shapes {shapes}: {exc}") from None
         buf_path = Path(_tmpdir()) / f"export_{id(module)}.onnx"
@@ -501,7 +497,7 @@ def _keep_if_equal(original: onnx.ModelProto, proto: onnx.ModelProto, notes: lis
         b = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
         same = all(np.allclose(x, y, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(x).max()) if np.size(x) else 1.0))
                    for x, y in zip(a, b) if np.issubdtype(np.asarray(x).dtype, np.floating))
-    except Exception:
+    except Exception:  # noqa: BLE001 - a model ORT cannot run or compare is not "the same": take the other path
         same = False
     if same:
         return proto, notes
@@ -522,11 +518,11 @@ def _batchable(src: SourceModel) -> bool:
     so.intra_op_num_threads = 1
     try:
         sess = ort.InferenceSession(src.onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - ORT's load errors (Fail, InvalidGraph, ...): a ConfigError with the message
         raise ConfigError(f"ONNX Runtime cannot load the model: {str(exc)[:500]}") from None
     try:
         sess.run(None, src.example_feed)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - ORT's run errors: a ConfigError naming the example input
         raise ConfigError(
             f"ONNX Runtime fails on the example input ({', '.join(f'{k}: {list(v.shape)} {v.dtype}' for k, v in src.example_feed.items())}): "
             f"{str(exc)[:400]}; pass example_inputs (a dict by input name) the model runs on"

@@ -24,7 +24,7 @@ def load_npz(path: str) -> dict[str, Any]:
     try:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, BadZipFile, ValueError (pickled), not an .npz: a ConfigError
         raise ConfigError(f"{path!r} is not a readable .npz file ({exc}); save one with numpy.savez(path, x=..., y=...)") from None
 
 

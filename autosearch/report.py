@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 __all__ = ["format_front", "print_front"]
+
+
+def _missing(v: Any) -> bool:
+    """None or NaN (of any float width): how a table's column holds an absent value."""
+    return v is None or isinstance(v, (float, np.floating)) and bool(np.isnan(v))
 
 
 def format_front(study: Any, *, all_trials: bool = False) -> str:
@@ -21,10 +28,10 @@ def format_front(study: Any, *, all_trials: bool = False) -> str:
     fmt = {"accuracy": "{:.4f}", "delta": "{:+.4f}", "remeasured_speedup": "{:.2f}x", "latency_ms": "{:.3f}", "speedup": "{:.2f}x", "size_mb": "{:.2f}"}
     for col, f in fmt.items():
         if col in df:
-            df[col] = [f.format(v) if v is not None and v == v else "-" for v in df[col]]
+            df[col] = [f.format(v) if not _missing(v) else "-" for v in df[col]]
     df = df.rename(columns={"remeasured_speedup": "speedup (re-measured)"})
     if "reason" in df:
-        df["reason"] = [("" if r is None or r != r else str(r)[:60]) for r in df["reason"]]
+        df["reason"] = [("" if _missing(r) else str(r)[:60]) for r in df["reason"]]
     return df.to_string(index=False)
 
 

@@ -39,7 +39,7 @@ def expose_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     try:
         for vi in onnx.shape_inference.infer_shapes(model).graph.value_info:
             inferred[vi.name] = vi.type.tensor_type.elem_type
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - best effort: without inferred types, tensors are taken as float
         pass
     have = {o.name for o in g.output}
     inits = {t.name for t in g.initializer}

@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -33,7 +33,7 @@ from autosearch.presets import preset_names, preset_path
 
 __all__ = ["KnobSpec", "SearchSpace", "load_space", "preset_path"]
 
-OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
+OBJECTIVES: dict[str, Literal["maximize", "minimize"]] = {"accuracy": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
 SAMPLERS = ("nsga2", "tpe", "random")
 _TOP_KEYS = ("name", "description", "version", "plugins", "knobs", "quantization", "recovery", "objectives", "constraints",
              "budget", "sampler", "strategy")

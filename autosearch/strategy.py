@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ def _int8_unit_times(
     try:
         ms = latency_by_unit(str(path), source.example_feed, units=names, by_module=by_module, threads=threads,
                              runs=30, float_model=source.onnx_model)
-    except Exception:  # a profile that cannot be read: the uniform factor serves
+    except Exception:  # noqa: BLE001 - a profile that cannot be read: the uniform factor serves
         return None
     total = sum(ms.values())
     return ms if total > 0 and ms.get("(other)", 0.0) <= 0.5 * total else None
@@ -294,7 +295,7 @@ def _estimate_bits(
     n_feeds = int(max(1, min(8, (256 << 20) // max(activation_bytes(source), 1))))
     try:
         contrib = noise_by_unit(source.onnx_model, path, calibration[:n_feeds], mapping)
-    except Exception:  # a graph ORT cannot expose tensors of: fall back to measuring
+    except Exception:  # noqa: BLE001 - a graph ORT cannot expose tensors of: fall back to measuring
         return False
     total = max(0.0, base_accuracy - float(meas["accuracy"]))
     drops = estimated_drops(contrib, total)
@@ -386,8 +387,8 @@ def analyze(
             continue
         for unit in units.of(knob):
             members.setdefault((knob, spec.group_of(unit) or unit), []).append(unit)
-        for (k, key), mem in members.items():
-            if k != knob:
+        for (of_knob, key), mem in members.items():
+            if of_knob != knob:
                 continue
             mods = [m for u in mem for m in layers.get(knob, {}).get(u, (u,))]
             row: dict[str, Any] = {"knob": knob, "unit": key, "latency_share": share_of(mods),
@@ -427,7 +428,7 @@ def analyze(
         try:
             rec = measure(cand)
             uniform.append({"quant": dict(cand.quant), "accuracy": rec["accuracy"], "latency_ms": rec["latency_ms"],
-                            "speedup": base_latency_ms / rec["latency_ms"] if rec["latency_ms"] == rec["latency_ms"] else None})
+                            "speedup": base_latency_ms / rec["latency_ms"] if not math.isnan(rec["latency_ms"]) else None})
         except CandidateError as exc:
             uniform.append({"quant": dict(cand.quant), "error": str(exc)[:200]})
         i += 1
@@ -481,7 +482,7 @@ def analyze(
         if knob == "bits":
             cand = Candidate(bits=setting, quant=best_quant or {"mode": "static"})
         else:
-            cand = Candidate(**{knob: setting}, recovery=space.recovery_with(distill="min"))  # type: ignore[arg-type]
+            cand = Candidate(**{knob: setting}, recovery=space.recovery_with(distill="min"))
         try:
             score = score_subset(cand)
             rows[(knob, unit)][f"drop@{val}"] = max(0.0, base_accuracy - score)
@@ -505,7 +506,7 @@ def analyze(
             skipped.append("distilled re-scores")
             break
         _progress(i, n, f"{knob} {unit}={val} distilled", t0, say)
-        cand = Candidate(**{knob: {m: val for m in members[(knob, unit)]}}, recovery=rec_max)  # type: ignore[arg-type]
+        cand = Candidate(**{knob: {m: val for m in members[(knob, unit)]}}, recovery=rec_max)
         try:
             rows[(knob, unit)][f"drop_distilled@{val}"] = max(0.0, base_accuracy - score_subset(cand))
         except CandidateError:

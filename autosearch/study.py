@@ -141,7 +141,7 @@ class Study:
         if df.empty:
             return df
         if feasible_only and df["feasible"].any():
-            df = df[df["feasible"] == True]  # noqa: E712
+            df = df[df["feasible"] == True]
         objectives = list(self.meta.get("objectives", ["accuracy", "latency_ms"]))
         signs = np.array([1.0 if OBJECTIVES[o] == "minimize" else -1.0 for o in objectives])
         vals = df[objectives].to_numpy(dtype=float) * signs
@@ -334,7 +334,7 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
     """Create the study, or open it after checking it was made for the same model, space, target and
     objectives; returns it with the number of trials already run."""
     sp, stor = ctx.space, _storage(url)
-    meta = {
+    meta: dict[str, Any] = {
         "model_fingerprint": ctx.source.fingerprint,
         "space_fingerprint": sp.fingerprint(),
         "target": {k: v for k, v in ctx.target.describe().items() if k in ("providers", "threads", "graph_optimization_level")},

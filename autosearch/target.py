@@ -160,7 +160,7 @@ class Target:
         Raises:
             CandidateError: the model does not load or fails to run.
         """
-        sess = model if hasattr(model, "run") else self.session(model)
+        sess: Any = model if hasattr(model, "run") else self.session(model)  # an InferenceSession (untyped)
         feed = dict(feed)
         with self._locked():
             try:

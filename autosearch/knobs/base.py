@@ -52,7 +52,7 @@ class Knob:
     def check(self, value: Any) -> Any:
         """The value as stored (coerced), or ``ValueError`` saying what is allowed."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{value!r} is not a number")
+            raise ValueError(f"{value!r} is not a number")  # noqa: TRY004 - check() raises ValueError (see space.py)
         return value
 
     def active(self, value: Any) -> bool:

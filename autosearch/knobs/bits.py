@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from autosearch.build import BuildState
     from autosearch.model import SourceModel
 
-__all__ = ["Bits", "BITS"]
+__all__ = ["BITS", "Bits"]
 
 BITS = (32, 16, 8, 4)
 

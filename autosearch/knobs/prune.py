@@ -39,6 +39,7 @@ class Prune(Knob):
             return [], ["prune knob skipped: structured pruning needs the PyTorch model (this one came as ONNX)"]
         from autosearch.transforms.structural import find_prune_units
 
+        assert source.torch_example is not None  # set with origin "torch" (load_model)
         return [u.name for u in find_prune_units(source.torch_module, source.torch_example)], []
 
     def unit_layers(self, source: SourceModel) -> Mapping[str, tuple[str, ...]]:
@@ -46,6 +47,7 @@ class Prune(Knob):
             return {}
         from autosearch.transforms.structural import find_prune_units
 
+        assert source.torch_example is not None  # set with origin "torch" (load_model)
         return {su.name: tuple(su.modules) for su in find_prune_units(source.torch_module, source.torch_example)}
 
     def estimated_saving(self, value: Any, *, share: float, dims: tuple[int, int, int] | None = None) -> float:

@@ -66,7 +66,7 @@ def no_units_reason(source: SourceModel, space: SearchSpace) -> str:
     weighted = [n for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm")]
     computed = [n for n in weighted if len(n.input) > 1 and n.input[1] not in inits]
     sub = sum(1 for n in g.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS))
-    integer = {}
+    integer: dict[str, int] = {}
     for n in g.node:
         if n.op_type in _QUANTIZED_OPS:
             integer[n.op_type] = integer.get(n.op_type, 0) + 1

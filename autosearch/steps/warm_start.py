@@ -81,6 +81,12 @@ def apply_narrowing(ctx: SearchContext, ost: optuna.Study) -> None:
         ctx.say("[autosearch] the sampler keeps " + "; ".join(narrowed["why"]))
 
 
+def _write_now(message: str) -> None:
+    """The analysis's progress line as it comes (it redraws itself with ``\\r``)."""
+    sys.stdout.write(message)
+    sys.stdout.flush()
+
+
 def _plain_candidates(sp: SearchSpace, units: SpaceUnits) -> list[Candidate]:
     """Float and uniform low-precision candidates, tried before the sampler takes over."""
     spec = sp.knobs.get("bits")
@@ -115,7 +121,7 @@ def _analysis_candidates(ctx: SearchContext, ost: optuna.Study, *, store: Candid
             ctx.source, sp, units, base_path=baseline.path,
             base_accuracy=float(evaluator(tgt.session(baseline.path), limit=n_sub)),
             base_latency_ms=baseline.latency_ms, measure=store.measure, score_subset=score_subset, threads=tgt.threads,
-            say=(lambda m: (sys.stdout.write(m), sys.stdout.flush())) if ctx.verbose else (lambda m: None),
+            say=_write_now if ctx.verbose else (lambda m: None),
             n_trials=n_trials or sp.n_trials, calibration=ctx.calibration, built_path=store.model_path,
         )
         best_quant = getattr(analysis, "best_quant", None)

@@ -35,7 +35,7 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
 def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
     for a in node.attribute:
         if a.name == name:
-            return helper.get_attribute_value(a)  # type: ignore[no-any-return]
+            return helper.get_attribute_value(a)
     return default
 
 

@@ -35,7 +35,7 @@ import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -745,16 +745,17 @@ def _reconstruct(student: nn.Module, teacher: nn.Module, batches: list[tuple[tor
     targets = _capture(teacher, [t for _, t in pairs], batches, inputs=False)
     done: list[str] = []
     for s_path, t_path in pairs:
-        mod = student.get_submodule(s_path)
+        mod = cast("nn.Linear | nn.Conv2d", student.get_submodule(s_path))  # the kinds _refit_pairs gives
+        weight: torch.Tensor = mod.weight
+        bias: torch.Tensor | None = mod.bias
         x = _capture(student, [s_path], batches, inputs=True)[s_path]
         y = targets[t_path]
         if x.shape[0] != y.shape[0] or x.shape[0] < 8:
             continue
-        has_bias = mod.bias is not None
-        a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1) if has_bias else x
-        w_now = mod.weight.detach().reshape(mod.weight.shape[0], -1).T.to(torch.float64)
-        if has_bias:
-            w_now = torch.cat([w_now, mod.bias.detach().to(torch.float64)[None, :]], 0)
+        a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1) if bias is not None else x
+        w_now = weight.detach().reshape(weight.shape[0], -1).T.to(torch.float64)
+        if bias is not None:
+            w_now = torch.cat([w_now, bias.detach().to(torch.float64)[None, :]], 0)
         split = max(1, int(0.8 * a.shape[0]))
         try:
             w_fit = _ridge(a[:split], y[:split])
@@ -767,9 +768,9 @@ def _reconstruct(student: nn.Module, teacher: nn.Module, batches: list[tuple[tor
         w = _ridge(a, y)
         n_in = x.shape[1]
         with torch.no_grad():
-            mod.weight.copy_(w[:n_in].T.reshape(mod.weight.shape).to(mod.weight.dtype))
-            if has_bias:
-                mod.bias.copy_(w[n_in].to(mod.bias.dtype))
+            weight.copy_(w[:n_in].T.reshape(weight.shape).to(weight.dtype))
+            if bias is not None:
+                bias.copy_(w[n_in].to(bias.dtype))
         done.append(s_path)
     return done
 

@@ -104,8 +104,8 @@ def load_digits_data(*, test_size: int = 450, seed: int = _SEED) -> DigitsData:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
-    images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False).numpy()
+    small = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    images = F.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False).numpy()
     labels = digits.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(
         images, labels, test_size=test_size, stratify=labels, random_state=seed

@@ -707,9 +707,9 @@ def _render_captcha(rng: np.random.Generator) -> tuple[np.ndarray, str]:
         img = Image.new("RGB", (_OCR_W, _OCR_H), _color(rng, 200, 256))
         d = ImageDraw.Draw(img)
         for _ in range(int(rng.integers(60, 200))):
-            x, y = int(rng.integers(0, _OCR_W)), int(rng.integers(0, _OCR_H))
-            d.point((x, y), fill=_color(rng, 60, 230))
-        size = int(min(rng.integers(30, 40), (_OCR_W - 16) / (n * 0.62)))
+            px, py = int(rng.integers(0, _OCR_W)), int(rng.integers(0, _OCR_H))
+            d.point((px, py), fill=_color(rng, 60, 230))
+        size = int(min(int(rng.integers(30, 40)), (_OCR_W - 16) / (n * 0.62)))
         x = float(rng.integers(4, 12))
         for ch in text:
             font = _font(_STYLES[int(rng.integers(0, 5))], size)
@@ -789,8 +789,8 @@ def _render_click_captcha(rng: np.random.Generator) -> tuple[np.ndarray, list[li
                 boxes.append(box)
                 break
     bgr = np.asarray(img)[:, :, ::-1]
-    r = min(416 / _DET_H, 416 / _DET_W)
-    resized = Image.fromarray(np.ascontiguousarray(bgr)).resize((int(_DET_W * r), int(_DET_H * r)), Image.BILINEAR)
+    scale = min(416 / _DET_H, 416 / _DET_W)
+    resized = Image.fromarray(np.ascontiguousarray(bgr)).resize((int(_DET_W * scale), int(_DET_H * scale)), Image.BILINEAR)
     padded = np.full((416, 416, 3), 114, np.uint8)
     padded[: resized.size[1], : resized.size[0]] = np.asarray(resized)
     return padded, boxes
@@ -1075,6 +1075,7 @@ def _render(name: str, split: int, n: int, seed: int) -> tuple[np.ndarray, list[
     truth: list[Any] = []
     for i in range(n):
         rng = np.random.default_rng([seed, split, i])
+        t: Any  # the truth's type depends on the model: text, boxes, None, an angle
         if name.startswith("ddddocr-ocr"):
             arr, t = _render_captcha(rng)
         elif name == "ddddocr-det":
