@@ -15,7 +15,7 @@ demo: $(VENV)/.installed
 	$(BIN)/autosearch demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 bench: $(VENV)/.installed
 	$(BIN)/pip install -q -c constraints.txt -e '.[$(EXTRAS),bench]'

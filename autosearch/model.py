@@ -424,7 +424,7 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None  # type: ignore[assignment]
+        torch = None
     if torch is not None and isinstance(model, torch.nn.Module):
         if example_inputs is None:
             raise ConfigError(

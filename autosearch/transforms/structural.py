@@ -612,7 +612,7 @@ def _factorize(module: nn.Module, fraction: float) -> nn.Module | None:
             r,
             (kh, kw),
             stride=(module.stride[0], module.stride[1]),
-            padding=module.padding,  # type: ignore[arg-type]
+            padding=module.padding,
             dilation=(module.dilation[0], module.dilation[1]),
             bias=False,
             padding_mode=module.padding_mode,
@@ -863,7 +863,7 @@ def _distill(
                     loss = sum(torch.nn.functional.mse_loss(o, t) for o, t in zip(outs, t_outs, strict=True))
                 s_store.clear()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[union-attr]
+                loss.backward()
                 opt.step()
                 sched.step()
     finally:
