@@ -2,9 +2,10 @@
 
 The 8x8 digits are upsampled to 32x32 so the convolutions have real work to
 do. Training is deterministic (fixed seed, single-threaded reductions where
-it matters) and takes well under a minute on two cores; the weights are cached
-under ``~/.cache/autosearch`` (or ``$AUTOSEARCH_CACHE``) so later runs start at
-once.
+it matters) and takes minutes on two cores (about 10 on a shared 2-core AMD
+EPYC); with ``verbose`` it prints an estimate after the first batches and one
+line per epoch. The weights are cached under ``~/.cache/autosearch`` (or
+``$AUTOSEARCH_CACHE``) so later runs start at once.
 
 Example:
     >>> from autosearch.zoo import pretrained_digits_cnn, load_digits_data
