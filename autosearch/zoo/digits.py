@@ -1,8 +1,9 @@
 """The embedded default model: a small ResNet on scikit-learn's bundled digits.
 
 The 8x8 digits are upsampled to 32x32 so the convolutions have real work to
-do. Training is deterministic (fixed seed, single-threaded reductions where
-it matters) and takes minutes on two cores (about 10 on a shared 2-core AMD
+do. Training is deterministic for a given torch thread count (fixed seed,
+single-threaded reductions where it matters; one thread and two give different
+weights under the same cache key) and takes minutes on two cores (about 10 on a shared 2-core AMD
 EPYC); with ``verbose`` it prints an estimate after the first batches and one
 line per epoch. The weights are cached under ``~/.cache/autosearch`` (or
 ``$AUTOSEARCH_CACHE``) so later runs start at once.
