@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,minilm
+EXTRAS ?= dev,minilm,remote
 
 .PHONY: demo test bench clean-venv
 

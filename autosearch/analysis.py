@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -285,6 +286,7 @@ def latency_by_unit(
     threads: int = 1,
     runs: int = 50,
     float_model: onnx.ModelProto | None = None,
+    target: Any = None,
 ) -> dict[str, float]:
     """Measured time per unit (ms per inference) from ONNX Runtime's node profiler.
 
@@ -300,14 +302,13 @@ def latency_by_unit(
         feed: One input batch.
         units: Unit names (bits-knob units).
         by_module: Whether node names carry torch module paths.
-        threads: ``intra_op_num_threads``.
+        threads: ``intra_op_num_threads`` of the default target (this CPU) when ``target`` is None.
         runs: Profiled runs (after 5 warm-up runs).
+        float_model: The float graph a quantized ``model_path`` was made from.
+        target: Where to profile (any :class:`~autosearch.target.TimingTarget`: its providers, threads and
+            optimization level, on its device).
     """
-    import json
-    import os
-    import tempfile
 
-    import onnxruntime as ort
 
     known = sorted(set(units), key=len, reverse=True)
     model = onnx.load(model_path)
@@ -319,22 +320,11 @@ def latency_by_unit(
     tensor_unit = {o: direct[n.name] for n in names_from.graph.node if n.name in direct for o in n.output}
     tensor_unit.update({i.name: direct[c.name] for c in names_from.graph.node if c.name in direct
                         for i in names_from.graph.input if i.name in c.input})
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.enable_profiling = True
-    so.log_severity_level = 3
-    tmp = tempfile.mkdtemp(prefix="as_prof_")
-    so.profile_file_prefix = os.path.join(tmp, "prof")
-    sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
-    for _ in range(5):
-        sess.run(None, feed)
-    for _ in range(runs):
-        sess.run(None, feed)
-    path = sess.end_profiling()
-    with open(path) as fh:
-        events = json.load(fh)
+    from autosearch.target import Target
+
+    tgt = target if target is not None else Target(threads=threads)
+    events = tgt.node_times(model_path, feed, runs=runs)
     totals: dict[str, float] = {}
-    counted_runs = runs + 5
     producer = {out: node for node in model.graph.node for out in node.output}
     weighted_ops = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "NhwcFusedConv", "QLinearConv",
                     "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
@@ -364,11 +354,7 @@ def latency_by_unit(
             frontier = nxt
         return None
 
-    for ev in events:
-        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
-            continue
-        node = ev["name"][: -len("_kernel_time")]
-        unit = resolve(node, str(ev.get("args", {}).get("op_name", "")))
-        key = unit or "(other)"
-        totals[key] = totals.get(key, 0.0) + float(ev.get("dur", 0)) / 1000.0
-    return {k: v / counted_runs for k, v in totals.items()}
+    for node, op, us in events:
+        key = resolve(node, op) or "(other)"
+        totals[key] = totals.get(key, 0.0) + us / 1000.0
+    return totals

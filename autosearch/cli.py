@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_analysis(s)
     s.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default: %(default)s)")
     s.add_argument("--provider", default="CPUExecutionProvider", help="ONNX Runtime execution provider (default: %(default)s)")
+    s.add_argument("--profiler", default=None, metavar="URL",
+                   help="time candidates on another device: the URL of `autosearch serve-profiler` running there "
+                   "(token from $AUTOSEARCH_PROFILER_TOKEN); candidates are still scored here")
     _add_common(s)
 
     r = sub.add_parser("resume", help="continue a study created from the CLI",
@@ -172,6 +175,33 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("study", help="study name")
     d.add_argument("-o", "--out", default=None, metavar="FILE", help="HTML file to write (default: ./<study>-dashboard.html)")
     _add_common(d)
+
+    sp = sub.add_parser(
+        "serve-profiler", help="time candidates on this device for a search on another machine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  # on the device (an edge box, a server of another CPU generation):\n"
+        "  export AUTOSEARCH_PROFILER_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(16))')\n"
+        "  autosearch serve-profiler                      # 127.0.0.1:8765, reachable through an SSH tunnel\n"
+        "  autosearch serve-profiler --host 0.0.0.0 --port 8765   # on a trusted network only\n"
+        "  # on the machine that searches:\n"
+        "  ssh -N -L 8765:127.0.0.1:8765 device &          # or expose it behind a TLS reverse proxy\n"
+        "  AUTOSEARCH_PROFILER_TOKEN=... autosearch search --model net.onnx --data val.npz --study net \\\n"
+        "      --profiler http://127.0.0.1:8765\n\n"
+        "The device runs ONNX Runtime only: it receives each candidate's ONNX file and the example input,\n"
+        "measures it with the same protocol as a local target (warm-up, median until precise, interleaved rounds\n"
+        "for the front) and answers with the statistics and its description (CPU model and int8 flags, ORT version,\n"
+        "providers). One measurement at a time; others wait up to --queue-timeout seconds. A token is required,\n"
+        "uploads are size-limited, models with external data are refused, files are deleted after use.\n"
+        "For TLS, put a reverse proxy in front (e.g. Caddy: `reverse_proxy 127.0.0.1:8765`) and pass https://.\n",
+    )
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    sp.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
+    sp.add_argument("--token-file", default=None, metavar="FILE",
+                    help="file holding the token (default: $AUTOSEARCH_PROFILER_TOKEN)")
+    sp.add_argument("--max-upload-mb", type=float, default=256.0, help="largest request accepted (default: %(default)s MB)")
+    sp.add_argument("--queue-timeout", type=float, default=600.0, metavar="SECONDS",
+                    help="how long a request waits for the one measurement slot (default: %(default)s)")
     return ap
 
 
@@ -183,6 +213,8 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         spec = {"kind": "onnx", "path": str(Path(args.model).resolve()), "space": args.space or "quant",
                 "data": str(Path(args.data).resolve()) if args.data else None, "metric": args.metric}
     spec.update(threads=args.threads, provider=getattr(args, "provider", "CPUExecutionProvider"))
+    if getattr(args, "profiler", None):
+        spec["profiler"] = args.profiler
     if _strategy(args):
         spec["strategy"] = _strategy(args)
     return spec
@@ -200,8 +232,15 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
     space = load_space(spec.get("space"))
     if spec.get("strategy"):
         space = space.with_strategy(**spec["strategy"])
-    target = Target(providers=(spec.get("provider", "CPUExecutionProvider"),), threads=int(spec.get("threads", 1)),
-                    lock_path=str(Path(studies_dir) / ".profile.lock"))
+    target: Any
+    if spec.get("profiler"):
+        from autosearch.remote import RemoteTarget
+
+        target = RemoteTarget(str(spec["profiler"]), providers=(spec.get("provider", "CPUExecutionProvider"),),
+                              threads=int(spec.get("threads", 1)))
+    else:
+        target = Target(providers=(spec.get("provider", "CPUExecutionProvider"),), threads=int(spec.get("threads", 1)),
+                        lock_path=str(Path(studies_dir) / ".profile.lock"))
     st = search(model, evaluator, example_inputs=example, space=space, target=target, study_name=study,
                 storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec)
     if show_front:
@@ -302,6 +341,17 @@ def _cmd(args: argparse.Namespace) -> int:
         report = export_trial(st, args.pick, out)
         print(report.table())
         print(f"wrote {', '.join(str(p) for p in report.files.values())}")
+        return 0
+    if args.command == "serve-profiler":
+        import os
+
+        from autosearch.profiler import serve
+
+        token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("AUTOSEARCH_PROFILER_TOKEN", "")
+        if not token:
+            raise ConfigError("serve-profiler needs a token: set AUTOSEARCH_PROFILER_TOKEN or pass --token-file FILE")
+        print(f"autosearch profiler on http://{args.host}:{args.port} (one measurement at a time; Ctrl-C stops it)", flush=True)
+        serve(host=args.host, port=args.port, token=token, max_upload_mb=args.max_upload_mb, queue_timeout_s=args.queue_timeout)
         return 0
     if args.command == "dashboard":
         from autosearch.dashboard import write_dashboard

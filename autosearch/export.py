@@ -437,15 +437,9 @@ def _rebuild_problem(study: Any, base_path: Path | None, notes: list[str]) -> tu
 
 
 def _target_of(study: Any) -> Any:
-    from autosearch.target import Target
+    from autosearch.target import target_from_identity
 
-    t = study.meta.get("target", {}) or {}
-    return Target(
-        providers=tuple(t.get("providers", ("CPUExecutionProvider",))),
-        threads=int(t.get("threads", 1)),
-        graph_optimization_level=str(t.get("graph_optimization_level", "all")),
-        lock_path=str(Path(study.dir).parent / ".profile.lock"),
-    )
+    return target_from_identity(study.meta.get("target", {}) or {}, lock_path=str(Path(study.dir).parent / ".profile.lock"))
 
 
 def _max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:

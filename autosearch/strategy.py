@@ -243,6 +243,7 @@ def _int8_unit_times(
     names: Sequence[str],
     by_module: bool,
     threads: int,
+    target: Any = None,
 ) -> dict[str, float] | None:
     """Per-unit milliseconds of the uniform int8 model (``None`` when it was not built, or when
     its nodes mostly do not map back to units)."""
@@ -253,7 +254,7 @@ def _int8_unit_times(
         return None
     try:
         ms = latency_by_unit(str(path), source.example_feed, units=names, by_module=by_module, threads=threads,
-                             runs=30, float_model=source.onnx_model)
+                             runs=30, float_model=source.onnx_model, target=target)
     except Exception:  # noqa: BLE001 - a profile that cannot be read: the uniform factor serves
         return None
     total = sum(ms.values())
@@ -326,6 +327,7 @@ def analyze(
     measure: Measure,
     score_subset: Callable[[Candidate], float],
     threads: int = 1,
+    target: Any = None,
     say: Callable[[str], None] = print,
     n_trials: int | None = None,
     built_path: Callable[[Candidate], Path | None] | None = None,
@@ -357,7 +359,9 @@ def analyze(
     t0 = time.perf_counter()
     by_module = source.origin == "torch"
     qunits: dict[str, QuantUnit] = {u.name: u for u in quant_units(source.onnx_model, by_module=by_module)}
-    shares = latency_by_unit(str(base_path), source.example_feed, units=list(qunits), by_module=by_module, threads=threads)
+    # profiled where the search times (the target's providers, threads and device): shares differ by device
+    shares = latency_by_unit(str(base_path), source.example_feed, units=list(qunits), by_module=by_module, threads=threads,
+                             target=target)
     total = sum(shares.values()) or 1.0
     # the layers each unit spans (a prune group spans several) and each layer's (in, out, full rank)
     layers: dict[str, dict[str, tuple[str, ...]]] = {}
@@ -522,7 +526,7 @@ def analyze(
     # measured per unit where it can be: the uniform int8 model profiled node by node, each node mapped back
     # to its unit (its own quantize/dequantize work included): on a CPU where int8 is slower overall, the
     # units it makes faster still show (depthwise convs slower, pointwise ones faster)
-    int8_ms = _int8_unit_times(source, space, units, best_quant, built_path, list(qunits), by_module, threads)
+    int8_ms = _int8_unit_times(source, space, units, best_quant, built_path, list(qunits), by_module, threads, target)
     for (knob, unit), row in rows.items():
         if knob == "bits" and int8_ms is not None:
             mem = members[(knob, unit)]

@@ -32,7 +32,7 @@ from autosearch.steps.remeasure import remeasure_front
 from autosearch.steps.units import discover_units, no_units_reason
 from autosearch.steps.warm_start import apply_narrowing, queue_warm_start
 from autosearch.store import CandidateStore
-from autosearch.target import Target
+from autosearch.target import Target, same_target
 
 __all__ = ["Study", "default_storage", "remeasure_front", "search"]
 
@@ -337,7 +337,7 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
     meta: dict[str, Any] = {
         "model_fingerprint": ctx.source.fingerprint,
         "space_fingerprint": sp.fingerprint(),
-        "target": {k: v for k, v in ctx.target.describe().items() if k in ("providers", "threads", "graph_optimization_level")},
+        "target": ctx.target.identity(),
         "objectives": list(sp.objectives),
         "evaluator": ctx.evaluator.name,
         "space": sp.to_dict(),
@@ -377,14 +377,28 @@ def _floor(sp: SearchSpace, base_acc: float) -> float | None:
     return _space_floor(sp, base_acc)
 
 
+def _at(d: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, Mapping) else None  # type: ignore[assignment]
+    return d
+
+
 def _check_same(old: Mapping[str, Any], new: Mapping[str, Any], name: str, url: str) -> None:
     checks = (
         ("model_fingerprint", "a different model", "pass the same model, or give this search a new study name"),
         ("space_fingerprint", "a different search space", "use the space it was created with (see `autosearch front` for it), or a new study name"),
-        ("target", "a different target", "use the same provider and thread count, or a new study name"),
+        ("target", "a different target", ("use the same provider, thread count and device, or a new study name "
+                                          "(a front timed on another device is another front)")),
         ("objectives", "different objectives", "keep the objectives, or use a new study name"),
     )
     for key, what, fix in checks:
+        if key == "target" and isinstance(old.get(key), Mapping) and isinstance(new.get(key), Mapping):
+            diff = same_target(old[key], new[key])
+            if diff:
+                raise StudyMismatchError(
+                    f"study {name!r} in {url} was timed on a different target ({key}.{diff}: "
+                    f"{_at(old[key], diff)!r}, now {_at(new[key], diff)!r}); {fix}")
+            continue
         if old.get(key) != new.get(key):
             raise StudyMismatchError(
                 f"study {name!r} in {url} was created with {what} ({key}: {old.get(key)!r}, now {new.get(key)!r}); {fix}"

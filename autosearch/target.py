@@ -1,10 +1,15 @@
 """Target: where latency is measured, and the measurement itself.
 
-Every latency figure comes from ONNX Runtime running the candidate on this
-machine: warm-up, then repeated timed runs in rounds until the median is
+Every latency figure comes from ONNX Runtime running the candidate on the
+target: warm-up, then repeated timed runs in rounds until the median is
 known to within ``rel_precision`` (a bootstrap-free estimate from the
 interquartile range) or the time budget is spent. The figure is recorded with
 the provider, thread count, ORT version and CPU name.
+
+Two implementations keep one protocol (:class:`TimingTarget`): :class:`Target`, ONNX Runtime on this
+machine with any execution provider installed here, and :class:`autosearch.remote.RemoteTarget`, the same
+measurement made by ``autosearch serve-profiler`` on the device, over HTTP. Candidates are always scored
+here (:meth:`session`); only their timing happens on the target.
 
 Example:
     >>> from autosearch.target import Target
@@ -16,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import platform
@@ -23,13 +29,17 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from autosearch.errors import CandidateError, ConfigError
 
-__all__ = ["LatencyStats", "Target", "cpu_name"]
+__all__ = ["LatencyStats", "Target", "TimingTarget", "cpu_name", "device_info", "interleaved", "same_target", "target_from_identity"]
+
+# CPU flags that decide which int8 kernels ONNX Runtime can use (VNNI: fast u8s8 and s8s8 dot products)
+INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+              "asimd", "asimddp", "i8mm", "sve")
 
 _OPT_LEVELS = {"disable": 0, "basic": 1, "extended": 2, "all": 99}
 
@@ -43,6 +53,57 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The int8-relevant flags of this CPU (:data:`INT8_FLAGS` it has)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in INT8_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def device_info() -> dict[str, Any]:
+    """What this machine is, as far as timing is concerned: CPU model and int8 flags, cores, ONNX Runtime
+    version and its execution providers."""
+    import onnxruntime as ort
+
+    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count() or 1, "machine": platform.machine(),
+            "system": platform.system(), "ort_version": ort.__version__, "providers": list(ort.get_available_providers())}
+
+
+@runtime_checkable
+class TimingTarget(Protocol):
+    """What every target does: score here, time there."""
+
+    @property
+    def threads(self) -> int: ...
+
+    def identity(self) -> dict[str, Any]:
+        """What a study records and a resume compares (kind, where, providers, threads, device)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        ...
+
+    def session(self, model: str | Path | bytes) -> Any:
+        """A local ``InferenceSession`` to score the model with."""
+        ...
+
+    def profile(self, model: str | Path | Any, feed: Mapping[str, np.ndarray]) -> LatencyStats:
+        ...
+
+    def interleaved(self, models: Sequence[tuple[str, Any]], feed: Mapping[str, np.ndarray], *,
+                    rounds: int = 5) -> dict[str, LatencyStats]:
+        ...
+
+    def node_times(self, model: str | Path, feed: Mapping[str, np.ndarray], *, runs: int = 50) -> list[tuple[str, str, float]]:
+        """(node name after graph optimization, op type, microseconds per run) from ONNX Runtime's profiler."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -111,12 +172,57 @@ class Target:
         import onnxruntime as ort
 
         return {
+            "kind": "local",
             "providers": list(self.providers),
             "threads": self.threads,
             "graph_optimization_level": self.graph_optimization_level,
             "ort_version": ort.__version__,
             "cpu": cpu_name(),
+            "device": device_info(),
         }
+
+    def identity(self) -> dict[str, Any]:
+        """What a study records and a resume compares: kind, providers, threads, optimization level, and the
+        device (CPU model and int8 flags: a front timed on another CPU is another front)."""
+        dev = device_info()
+        return {"kind": "local", "providers": list(self.providers), "threads": self.threads,
+                "graph_optimization_level": self.graph_optimization_level,
+                "device": {"cpu": dev["cpu"], "cpu_flags": dev["cpu_flags"]}}
+
+    def interleaved(self, models: Sequence[tuple[str, Any]], feed: Mapping[str, np.ndarray], *,
+                    rounds: int = 5) -> dict[str, LatencyStats]:
+        """Several models measured in interleaved rounds (see :func:`interleaved`)."""
+        return _interleaved(self, models, feed, rounds=rounds)
+
+    def node_times(self, model: str | Path, feed: Mapping[str, np.ndarray], *, runs: int = 50) -> list[tuple[str, str, float]]:
+        """(node name, op type, microseconds per run) of each node, from ONNX Runtime's profiler on a session
+        configured like this target (providers, threads, optimization level): names are those after graph
+        optimization, so fused nodes show under the name of the node they grew from."""
+        import json
+        import tempfile
+
+        import onnxruntime as ort
+
+        so = self._options()
+        with tempfile.TemporaryDirectory(prefix="as_prof_") as tmp:
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, "p")
+            try:
+                sess = ort.InferenceSession(str(model), so, providers=list(self.providers))
+            except Exception as exc:
+                raise CandidateError(f"ONNX Runtime cannot load the model: {str(exc)[:600]}") from exc
+            with self._locked():
+                for _ in range(5):
+                    sess.run(None, dict(feed))
+                for _ in range(runs):
+                    sess.run(None, dict(feed))
+            events = json.loads(Path(sess.end_profiling()).read_text())
+        totals: dict[tuple[str, str], float] = {}
+        for ev in events:
+            if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+                key = (str(ev["name"])[: -len("_kernel_time")], str(ev.get("args", {}).get("op_name", "")))
+                totals[key] = totals.get(key, 0.0) + float(ev.get("dur", 0)) / (runs + 5)
+        return [(name, op, us) for (name, op), us in totals.items()]
 
     def session(self, model: str | Path | bytes, *, threads: int | None = None) -> Any:
         """An ``InferenceSession`` configured like this target.
@@ -126,16 +232,22 @@ class Target:
         """
         import onnxruntime as ort
 
+        so = self._options(threads)
+        try:
+            return ort.InferenceSession(str(model) if isinstance(model, Path) else model, so, providers=list(self.providers))
+        except Exception as exc:
+            raise CandidateError(f"ONNX Runtime cannot load the model: {str(exc)[:600]}") from exc
+
+    def _options(self, threads: int | None = None) -> Any:
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel(_OPT_LEVELS[self.graph_optimization_level])
         so.log_severity_level = 3
-        try:
-            return ort.InferenceSession(str(model) if isinstance(model, Path) else model, so, providers=list(self.providers))
-        except Exception as exc:
-            raise CandidateError(f"ONNX Runtime cannot load the model: {str(exc)[:600]}") from exc
+        return so
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -207,46 +319,75 @@ def _median_rel_se(times: Sequence[float]) -> float:
     return float(1.2533 * sigma / np.sqrt(len(arr)) / q50) if q50 > 0 else 0.0
 
 
-def interleaved(targets: Sequence[tuple[str, Any]], feed: Mapping[str, np.ndarray], target: Target, *, rounds: int = 5) -> dict[str, LatencyStats]:
-    """Measure several models in interleaved rounds (fair under drifting machine load).
+def interleaved(targets: Sequence[tuple[str, Any]], feed: Mapping[str, np.ndarray], target: TimingTarget, *,
+                rounds: int = 5) -> dict[str, LatencyStats]:
+    """Measure several models in interleaved rounds (fair under drifting machine load), on ``target``.
 
     Args:
         targets: (label, model path or session) pairs.
         feed: Input batch.
-        target: Where to run.
+        target: Where to run (any :class:`TimingTarget`).
         rounds: Each model is measured this many times, in turn; its runs are pooled.
     """
-    sessions = {label: (m if hasattr(m, "run") else target.session(m)) for label, m in targets}
-    pooled: dict[str, list[LatencyStats]] = {label: [] for label in sessions}
-    short = Target(
-        providers=target.providers,
-        threads=target.threads,
-        graph_optimization_level=target.graph_optimization_level,
-        warmup=target.warmup,
-        min_runs=max(10, target.min_runs // rounds),
-        max_runs=max(20, target.max_runs // rounds),
-        max_seconds=target.max_seconds / rounds,
-        rel_precision=target.rel_precision,
-        lock_path=target.lock_path,
-    )
-    for _ in range(rounds):
-        for label, sess in sessions.items():
-            pooled[label].append(short.profile(sess, feed))
+    return target.interleaved(targets, feed, rounds=rounds)
+
+
+def pool_rounds(pooled: Mapping[str, Sequence[LatencyStats]]) -> dict[str, LatencyStats]:
+    """One figure per model from its rounds: medians of the rounds' statistics, runs summed."""
     out: dict[str, LatencyStats] = {}
     for label, stats in pooled.items():
-        med = float(np.median([s.median_ms for s in stats]))
         first = stats[0]
-        out[label] = LatencyStats(
-            median_ms=med,
+        out[label] = dataclasses.replace(
+            first,
+            median_ms=float(np.median([s.median_ms for s in stats])),
             p10_ms=float(np.median([s.p10_ms for s in stats])),
             p90_ms=float(np.median([s.p90_ms for s in stats])),
             mean_ms=float(np.mean([s.mean_ms for s in stats])),
             iqr_rel=float(np.median([s.iqr_rel for s in stats])),
             runs=sum(s.runs for s in stats),
-            provider=first.provider,
-            threads=first.threads,
-            ort_version=first.ort_version,
-            cpu=first.cpu,
             load_avg=stats[-1].load_avg,
         )
     return out
+
+
+def round_budget(target: Any, rounds: int) -> dict[str, Any]:
+    """A target's measurement settings for one of ``rounds`` interleaved rounds."""
+    return {"min_runs": max(10, target.min_runs // rounds), "max_runs": max(20, target.max_runs // rounds),
+            "max_seconds": target.max_seconds / rounds}
+
+
+def _interleaved(target: Target, targets: Sequence[tuple[str, Any]], feed: Mapping[str, np.ndarray], *,
+                 rounds: int) -> dict[str, LatencyStats]:
+    sessions = {label: (m if hasattr(m, "run") else target.session(m)) for label, m in targets}
+    pooled: dict[str, list[LatencyStats]] = {label: [] for label in sessions}
+    short = dataclasses.replace(target, **round_budget(target, rounds))  # every other field kept as it is
+    for _ in range(rounds):
+        for label, sess in sessions.items():
+            pooled[label].append(short.profile(sess, feed))
+    return pool_rounds(pooled)
+
+
+def same_target(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """The first key where a study's recorded target differs from this one (None: the same target).
+    Keys an older study did not record are not compared."""
+    for key, was in old.items():
+        if key in new and new[key] != was:
+            if isinstance(was, Mapping) and isinstance(new[key], Mapping):
+                inner = same_target(was, new[key])
+                if inner:
+                    return f"{key}.{inner}"
+                continue
+            return key
+    return None
+
+
+def target_from_identity(ident: Mapping[str, Any], *, lock_path: str | None = None) -> TimingTarget:
+    """Rebuild the target a study recorded (a remote one reads its token from ``AUTOSEARCH_PROFILER_TOKEN``)."""
+    providers = tuple(ident.get("providers", ("CPUExecutionProvider",)))
+    threads = int(ident.get("threads", 1))
+    level = str(ident.get("graph_optimization_level", "all"))
+    if ident.get("kind") == "remote":
+        from autosearch.remote import RemoteTarget
+
+        return RemoteTarget(str(ident["url"]), providers=providers, threads=threads, graph_optimization_level=level)
+    return Target(providers=providers, threads=threads, graph_optimization_level=level, lock_path=lock_path)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autosearch.errors import CandidateError
 from autosearch.target import Target, interleaved
 
 if TYPE_CHECKING:
@@ -27,7 +28,11 @@ def remeasure_front(study: Study, tgt: Target, feed: Mapping[str, np.ndarray], b
     if front.empty:
         return {}
     models = [("float", base_path)] + [(str(int(r.trial)), Path(r.onnx)) for r in front.itertuples() if r.onnx and Path(r.onnx).exists()]
-    stats = interleaved(models, feed, tgt, rounds=rounds)
+    try:
+        stats = interleaved(models, feed, tgt, rounds=rounds)
+    except CandidateError as exc:  # e.g. a remote profiler gone: the trials' own figures stay, the study is intact
+        say(f"[autosearch] front not re-measured: {exc}")
+        return {}
     base = stats["float"].median_ms
     rec = {
         "float_ms": base,

@@ -120,7 +120,7 @@ def _analysis_candidates(ctx: SearchContext, ost: optuna.Study, *, store: Candid
         analysis = analyze(
             ctx.source, sp, units, base_path=baseline.path,
             base_accuracy=float(evaluator(tgt.session(baseline.path), limit=n_sub)),
-            base_latency_ms=baseline.latency_ms, measure=store.measure, score_subset=score_subset, threads=tgt.threads,
+            base_latency_ms=baseline.latency_ms, measure=store.measure, score_subset=score_subset, threads=tgt.threads, target=tgt,
             say=_write_now if ctx.verbose else (lambda m: None),
             n_trials=n_trials or sp.n_trials, calibration=ctx.calibration, built_path=store.model_path,
         )

@@ -1,0 +1,151 @@
+"""A target on another machine: candidates are timed by ``autosearch serve-profiler`` there, over HTTP.
+
+Scoring stays here (a local CPU session); only timing travels. The client is httpx (timeouts, connection
+reuse). Any failure to reach or use the profiler during a trial is a :class:`~autosearch.errors.CandidateError`
+(the trial fails with the reason, the search goes on); a wrong URL or token is a
+:class:`~autosearch.errors.ConfigError` when the search starts (:meth:`RemoteTarget.describe`).
+
+Example:
+    >>> from autosearch.remote import RemoteTarget
+    >>> t = RemoteTarget("http://10.0.0.7:8765", token="...")    # doctest: +SKIP
+    >>> t.describe()["device"]["cpu"]                             # doctest: +SKIP
+    'Cortex-A76'
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosearch.errors import CandidateError, ConfigError
+from autosearch.target import LatencyStats, Target
+
+__all__ = ["RemoteTarget"]
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """ONNX Runtime on a device running ``autosearch serve-profiler``.
+
+    Attributes:
+        url: The profiler's base URL (``http://host:8765``; ``https://`` behind a TLS proxy).
+        token: The profiler's token (default: ``$AUTOSEARCH_PROFILER_TOKEN``).
+        providers, threads, graph_optimization_level, warmup, min_runs, max_runs, max_seconds, rel_precision:
+            The measurement settings, as for :class:`~autosearch.target.Target`, applied on the device.
+        timeout_s: Seconds to wait for one answer (a busy profiler queues requests).
+    """
+
+    url: str
+    token: str | None = field(default=None, repr=False, compare=False)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int = 1
+    graph_optimization_level: str = "all"
+    warmup: int = 10
+    min_runs: int = 50
+    max_runs: int = 2000
+    max_seconds: float = 2.0
+    rel_precision: float = 0.005
+    timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"profiler URL {self.url!r} must start with http:// or https:// (e.g. http://device:8765)")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    # --------------------------------------------------------------- protocol
+    def _token(self) -> str:
+        tok = self.token or os.environ.get("AUTOSEARCH_PROFILER_TOKEN", "")
+        if not tok:
+            raise ConfigError("the remote profiler needs its token: set AUTOSEARCH_PROFILER_TOKEN (or pass token=)")
+        return tok
+
+    def _request(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
+        try:
+            import httpx
+        except ImportError:
+            raise ConfigError("a remote target needs httpx: pip install 'autosearch[remote]'") from None
+        url = self.url.rstrip("/") + path
+        try:
+            resp = httpx.request(method, url, content=body, timeout=self.timeout_s,
+                                 headers={"Authorization": f"Bearer {self._token()}",
+                                          "Content-Type": "application/octet-stream"})
+        except httpx.HTTPError as exc:
+            raise CandidateError(f"the profiler at {self.url} did not answer ({type(exc).__name__}: {exc})") from exc
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {"error": resp.text[:300]}
+        if resp.status_code == 401:
+            raise ConfigError(f"the profiler at {self.url} refused the token: {data.get('error', '')} "
+                              "(set AUTOSEARCH_PROFILER_TOKEN to the token it was started with)")
+        if resp.status_code != 200:
+            raise CandidateError(f"the profiler at {self.url} answered {resp.status_code}: {data.get('error', data)}")
+        return dict(data)
+
+    def _body(self, models: Sequence[tuple[str, Any]], feed: Mapping[str, np.ndarray], **extra: Any) -> bytes:
+        params = {"providers": list(self.providers), "threads": self.threads,
+                  "graph_optimization_level": self.graph_optimization_level, "warmup": self.warmup,
+                  "min_runs": self.min_runs, "max_runs": self.max_runs, "max_seconds": self.max_seconds,
+                  "rel_precision": self.rel_precision, "labels": [lbl for lbl, _ in models], **extra}
+        arrays: dict[str, np.ndarray] = {"__params__": np.frombuffer(json.dumps(params).encode(), np.uint8)}
+        for i, (_, m) in enumerate(models):
+            arrays[f"__model_{i}__"] = np.frombuffer(Path(_path_of(m)).read_bytes(), np.uint8)
+        for k, v in feed.items():
+            if k.startswith("__"):
+                raise ConfigError(f"input name {k!r} starts with '__', which the profiler protocol reserves")
+            arrays[k] = np.asarray(v)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        return buf.getvalue()
+
+    def describe(self) -> dict[str, Any]:
+        """The device's description, asked of the profiler (a wrong URL or token is a ConfigError here)."""
+        try:
+            dev = self._request("GET", "/device")["device"]
+        except CandidateError as exc:
+            raise ConfigError(f"{exc}: check the URL, and that `autosearch serve-profiler` runs there") from None
+        return {"kind": "remote", "url": self.url, "providers": list(self.providers), "threads": self.threads,
+                "graph_optimization_level": self.graph_optimization_level, "ort_version": dev.get("ort_version"),
+                "cpu": dev.get("cpu"), "device": dev}
+
+    def identity(self) -> dict[str, Any]:
+        d = self.describe()
+        dev = d["device"]
+        return {"kind": "remote", "url": self.url, "providers": list(self.providers), "threads": self.threads,
+                "graph_optimization_level": self.graph_optimization_level,
+                "device": {"cpu": dev.get("cpu"), "cpu_flags": dev.get("cpu_flags")}}
+
+    def session(self, model: str | Path | bytes, *, threads: int | None = None) -> Any:
+        """A local CPU session, to score the model here (the device only times it)."""
+        return Target(threads=threads or self.threads, graph_optimization_level=self.graph_optimization_level).session(model)
+
+    def profile(self, model: str | Path | Any, feed: Mapping[str, np.ndarray]) -> LatencyStats:
+        out = self._request("POST", "/profile", self._body([("m", model)], feed))
+        return LatencyStats(**out["stats"]["m"])
+
+    def interleaved(self, models: Sequence[tuple[str, Any]], feed: Mapping[str, np.ndarray], *,
+                    rounds: int = 5) -> dict[str, LatencyStats]:
+        out = self._request("POST", "/profile", self._body(models, feed, rounds=rounds))
+        return {k: LatencyStats(**v) for k, v in out["stats"].items()}
+
+    def node_times(self, model: str | Path, feed: Mapping[str, np.ndarray], *, runs: int = 50) -> list[tuple[str, str, float]]:
+        out = self._request("POST", "/nodes", self._body([("m", model)], feed, runs=runs))
+        return [(str(n), str(op), float(us)) for n, op, us in out["nodes"]]
+
+
+def _path_of(model: Any) -> str | Path:
+    """The file behind a model argument: a path, or a session made from one."""
+    if isinstance(model, (str, Path)):
+        return model
+    path = getattr(model, "_model_path", None)
+    if path:
+        return str(path)
+    raise CandidateError("a remote target times model files: pass the path (this session was made from bytes)")
