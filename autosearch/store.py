@@ -98,7 +98,7 @@ class CandidateStore:
         rec["eval_s"] = time.perf_counter() - t
         lat = self.target.profile(sess, self.source.example_feed)
         rec.update(accuracy=acc, latency_ms=lat.median_ms, latency=lat.as_dict(), size_mb=size,
-                   speedup=self.base_latency_ms / lat.median_ms)
+                   speedup=self.base_latency_ms / lat.median_ms, measured_at=time.time())
         return rec
 
 

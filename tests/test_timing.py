@@ -1,0 +1,95 @@
+"""Honest figures: speedups against a float timing taken near each trial, the front recomputed on the
+interleaved re-measure, a `loaded` flag relative to the machine before the run, int4 compute type searched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import optuna
+from conftest import tiny_onnx
+
+from autosearch import Candidate, Study, search
+from autosearch.build import build_candidate
+from autosearch.model import import_model
+from autosearch.target import Target
+
+FAST = {"warmup": 2, "min_runs": 10, "max_runs": 60, "max_seconds": 0.2}
+
+
+def test_each_speedup_divides_by_a_float_timing_taken_near_it(tmp_path: Path) -> None:
+    model = tiny_onnx(tmp_path / "m.onnx")
+    space = {"knobs": {"bits": [32, 8]}, "quantization": {"mode": ["dynamic", "static"], "per_channel": [True, False],
+             "reduce_range": [False, True]}, "strategy": {"analysis": False, "remeasure_front": False},
+             "sampler": {"name": "random"}}
+    study = search(str(model), space=space, target=Target(threads=1, **FAST), study_name="clock",
+                   studies_dir=tmp_path / "s", n_trials=12, verbose=False)
+    done = [t for t in study.optuna_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    fresh = [t for t in done if not t.user_attrs.get("cached")]
+    assert len(fresh) >= 6
+    for t in done:  # by construction: the float figure the trial divides by is the one it records
+        assert t.user_attrs["speedup"] == t.user_attrs["baseline_latency_ms"] / t.user_attrs["latency_ms"]
+    bases = {t.user_attrs["baseline_latency_ms"] for t in fresh}
+    assert len(bases) >= 2, "the float model was re-timed during the search"
+    assert study.baseline["latency_ms"] in bases  # the first trials divide by the baseline itself
+
+
+def _study(rows: list[tuple[float, float, float | None]], load_before: float | None = None, loads: list[float] | None = None) -> Study:
+    ost = optuna.create_study(directions=["maximize", "minimize"])
+    ost.set_user_attr("autosearch", {"objectives": ["accuracy", "latency_ms"], "units": {"bits": ["a"]}})
+    base: dict = {"accuracy": 1.0, "latency_ms": 10.0}
+    if load_before is not None:
+        base["load_before"] = load_before
+    ost.set_user_attr("baseline", base)
+    rem = {}
+    for i, (acc, lat, again) in enumerate(rows):
+        ua = {"accuracy": acc, "latency_ms": lat, "feasible": True, "summary": "x", "candidate": {},
+              "latency": {"load_avg": (loads or [0.0] * len(rows))[i]}}
+        ost.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, values=[acc, lat], user_attrs=ua))
+        if again is not None:
+            rem[str(i)] = {"latency_ms": again, "speedup": 10.0 / again}
+    if rem:
+        ost.set_user_attr("front_remeasured", {"float_ms": 10.0, "trials": rem})
+    return Study(ost)
+
+
+def test_the_front_is_recomputed_on_the_remeasured_latencies() -> None:
+    # trial 1 looked faster than trial 0 at the same accuracy's neighbour, but re-timed interleaved it is slower
+    # than trial 0 and less accurate: dominated
+    st = _study([(0.99, 5.0, 4.0), (0.98, 4.5, 4.6), (0.90, 2.0, 2.0)])
+    assert list(st.front(remeasured=False)["trial"]) == [2, 1, 0]
+    assert list(st.front()["trial"]) == [2, 0]
+    assert list(_study([(0.99, 5.0, None), (0.98, 4.5, None)]).front()["trial"]) == [1, 0]  # nothing re-measured
+
+
+def test_loaded_means_busier_than_before_the_run() -> None:
+    st = _study([(0.9, 1.0, None), (0.8, 0.5, None)], load_before=3.0, loads=[3.5, 4.5])
+    assert list(st.trials()["loaded"]) == [False, True]  # 3.5 on a machine at 3.0 is this search; 4.5 is more
+
+
+def test_int4_accuracy_level_reaches_matmulnbits(tmp_path: Path) -> None:
+    src = import_model(str(tiny_onnx(tmp_path / "m.onnx", hidden=64)))
+    for level in (0, 4):
+        cand = Candidate(bits={"fc1_matmul": 4}, quant={"mode": "static", "int4_block_size": 16, "int4_accuracy_level": level})
+        built = build_candidate(src, cand, tmp_path / f"l{level}", bits_units=["fc1_matmul", "fc2"], calibration=[])
+        nbits = [n for n in onnx.load(str(built.path)).graph.node if n.op_type == "MatMulNBits"]
+        got = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
+        assert len(nbits) == 1 and got.get("accuracy_level", 0) == level
+
+
+def test_int4_accuracy_level_is_a_searched_parameter(tmp_path: Path) -> None:
+    from autosearch.candidate import SpaceUnits, sample_candidate
+    from autosearch.space import SearchSpace
+
+    space = SearchSpace.from_dict({"knobs": {"bits": [32, 4]}, "quantization": {"int4_accuracy_level": [0, 4]}})
+    units = SpaceUnits(bits=("fc1_matmul", "fc2"))
+    st = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(20):
+        trial = st.ask()
+        cand = sample_candidate(trial, space, units)
+        if 4 in cand.bits.values():
+            seen.add(cand.quant["int4_accuracy_level"])
+            assert trial.params["quant.int4_accuracy_level"] == cand.quant["int4_accuracy_level"]
+        st.tell(trial, 0.0)
+    assert seen == {0, 4}
