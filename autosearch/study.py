@@ -32,7 +32,7 @@ from autosearch.steps.remeasure import remeasure_front
 from autosearch.steps.units import discover_units, no_units_reason
 from autosearch.steps.warm_start import apply_narrowing, queue_warm_start
 from autosearch.store import CandidateStore
-from autosearch.target import Target, same_target
+from autosearch.target import Target, same_target, target_label
 
 __all__ = ["Study", "default_storage", "remeasure_front", "search"]
 
@@ -132,6 +132,7 @@ class Study:
                     "remeasured_ms": rem.get(str(t.number), {}).get("latency_ms"),
                     "remeasured_speedup": rem.get(str(t.number), {}).get("speedup"),
                     "loaded": (ua.get("latency", {}).get("load_avg") or 0) > busy,
+                    **{k: v for k, v in ua.items() if k.startswith(("latency_ms@", "speedup@"))},
                     "config": ua.get("summary", ""),
                     "reason": ua.get("fail_reason") or t.system_attrs.get("fail_reason"),
                     "onnx": ua.get("onnx_path"),
@@ -139,8 +140,13 @@ class Study:
             )
         return pd.DataFrame(rows)
 
-    def front(self, *, feasible_only: bool = True, remeasured: bool = True) -> Any:
-        """The Pareto front over complete (and feasible) trials, sorted by latency.
+    def targets(self) -> list[str]:
+        """Labels of the further targets every candidate was timed on (``front(target=label)``)."""
+        return list((self.meta.get("target") or {}).get("also", {}))
+
+    def front(self, *, feasible_only: bool = True, remeasured: bool = True, target: str | None = None) -> Any:
+        """The Pareto front over complete (and feasible) trials, sorted by latency (on ``target``, a label of
+        :meth:`targets`, when given).
 
         After the end-of-run re-measure (every front trial and the float model timed interleaved), the front
         is computed again among those trials on the re-measured latencies: a point that only looked fast
@@ -152,6 +158,13 @@ class Study:
         if feasible_only and df["feasible"].any():
             df = df[df["feasible"] == True]
         objectives = list(self.meta.get("objectives", ["accuracy", "latency_ms"]))
+        if target is not None:  # the front on a further target: its latencies instead of the first target's
+            col = f"latency_ms@{target}"
+            if col not in df:
+                raise ConfigError(f"study {self.name!r} was not timed on {target!r}; its targets: "
+                                  f"{', '.join(self.targets()) or '(only the first)'}")
+            df = df[df[col].notna()].assign(latency_ms=df[col])
+            remeasured = False
         front = _pareto(df, objectives)
         if remeasured and "latency_ms" in objectives and front["remeasured_ms"].notna().all() and len(front) > 1:
             again = front.assign(latency_ms=front["remeasured_ms"].astype(float))
@@ -213,7 +226,7 @@ def search(
     *,
     example_inputs: Any = None,
     space: str | Path | Mapping[str, Any] | SearchSpace | None = None,
-    target: Target | None = None,
+    target: Any = None,
     study_name: str = "autosearch",
     storage: str | None = None,
     n_trials: int | None = None,
@@ -233,7 +246,10 @@ def search(
             (scaled cosine) to the original model on random inputs, with a warning.
         example_inputs: One batch of input; its shape is the one latency is measured at.
         space: Preset name (``cnn``), YAML path, mapping or :class:`SearchSpace`.
-        target: Where latency is measured (default: this CPU, 1 thread).
+        target: Where latency is measured (default: this CPU, 1 thread): a :class:`~autosearch.target.Target`,
+            a :class:`~autosearch.remote.RemoteTarget`, or a list of them: every candidate is timed on each
+            (``trials()`` has ``latency_ms@<label>`` per further target, ``front(target=label)`` its front),
+            the first is the one the objectives use.
         study_name: Name of the study; calling again with the same name resumes it.
         storage: Optuna storage URL (default ``sqlite:///studies/<name>.db``).
         n_trials: Trials to run now (default: the space's budget).
@@ -271,7 +287,12 @@ def search(
         f"({ctx.target.threads} thread(s), {baseline.latency.provider}), {baseline.size_mb:.2f} MB"
         + (f"; accuracy floor {floor:.4f}" if floor is not None else "")
     )
-    store = CandidateStore(ctx.study_dir, ctx.source, ctx.units, ctx.calibration, ctx.evaluator, ctx.target, baseline.latency_ms)
+    also = {lbl: (t, t.profile(baseline.path, ctx.source.example_feed).median_ms) for lbl, t in ctx.also.items()}
+    if also:
+        ost.set_user_attr("baseline", {**baseline.as_dict(), **{f"latency_ms@{lbl}": ms for lbl, (_, ms) in also.items()}})
+        say("[autosearch] also timed on " + ", ".join(f"{lbl} (float {ms:.3f} ms)" for lbl, (_, ms) in also.items()))
+    store = CandidateStore(ctx.study_dir, ctx.source, ctx.units, ctx.calibration, ctx.evaluator, ctx.target, baseline.latency_ms,
+                           also)
     if not ost.trials:
         queue_warm_start(ctx, ost, store=store, baseline=baseline, floor=floor, n_trials=n_trials)
     apply_narrowing(ctx, ost)
@@ -303,12 +324,21 @@ def _silent(_msg: str) -> None:
     return None
 
 
-def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, space: Any, target: Target | None,
+def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, space: Any, target: Any,
              say: Any, verbose: bool, study_dir: Path) -> SearchContext:
     """Load and check everything a search needs before any work starts (a ConfigError names what is wrong)."""
     sp = load_space(space)
     study_dir.parent.mkdir(parents=True, exist_ok=True)
-    tgt = target or Target(lock_path=str(study_dir.parent / ".profile.lock"))
+    targets = list(target) if isinstance(target, (list, tuple)) else [target or Target(lock_path=str(study_dir.parent / ".profile.lock"))]
+    if not targets:
+        raise ConfigError("target=[] names no target: pass one Target (or several, the first for the objectives)")
+    tgt = targets[0]
+    also: dict[str, Any] = {}
+    for t in targets[1:]:
+        lbl = target_label(t)
+        while lbl in also or lbl == target_label(tgt):
+            lbl += "'"
+        also[lbl] = t
     source = import_model(model, example_inputs)
     if evaluator is None:
         say("[autosearch] no evaluator given: scoring by fidelity to the original (scaled cosine) on 64 random inputs; "
@@ -328,7 +358,7 @@ def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, sp
                                               source.input_names)
     _check_calibration(calibration, source.example_feed)
     return SearchContext(space=sp, source=source, units=units, evaluator=evaluator, target=tgt, study_dir=study_dir,
-                         calibration=calibration, say=say, verbose=verbose)
+                         calibration=calibration, say=say, verbose=verbose, also=also)
 
 
 def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mapping[str, np.ndarray]) -> None:
@@ -353,7 +383,8 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
     meta: dict[str, Any] = {
         "model_fingerprint": ctx.source.fingerprint,
         "space_fingerprint": sp.fingerprint(),
-        "target": ctx.target.identity(),
+        "target": ctx.target.identity() if not ctx.also else {**ctx.target.identity(),
+                                                               "also": {lbl: t.identity() for lbl, t in ctx.also.items()}},
         "objectives": list(sp.objectives),
         "evaluator": ctx.evaluator.name,
         "space": sp.to_dict(),

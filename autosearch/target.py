@@ -35,7 +35,7 @@ import numpy as np
 
 from autosearch.errors import CandidateError, ConfigError
 
-__all__ = ["LatencyStats", "Target", "TimingTarget", "cpu_name", "device_info", "interleaved", "same_target", "target_from_identity"]
+__all__ = ["LatencyStats", "Target", "TimingTarget", "cpu_name", "device_info", "interleaved", "same_target", "target_from_identity", "target_label"]
 
 # CPU flags that decide which int8 kernels ONNX Runtime can use (VNNI: fast u8s8 and s8s8 dot products)
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
@@ -367,11 +367,26 @@ def _interleaved(target: Target, targets: Sequence[tuple[str, Any]], feed: Mappi
     return pool_rounds(pooled)
 
 
+def target_label(t: Any) -> str:
+    """A short name of a target for column names: ``cpu-1t``, ``cpu-2t-disable``, ``openvino-1t``, ``device:8765-1t``."""
+    prov = str(t.providers[0]).removesuffix("ExecutionProvider").lower() if t.providers else "cpu"
+    where = ""
+    url = getattr(t, "url", None)
+    if url:
+        where = url.split("://", 1)[-1].rstrip("/").replace("/", "_") + "-"
+        prov = "" if prov == "cpu" else prov + "-"
+        return f"{where}{prov}{t.threads}t"
+    level = "" if t.graph_optimization_level == "all" else f"-{t.graph_optimization_level}"
+    return f"{prov}-{t.threads}t{level}"
+
+
 def same_target(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
     """The first key where a study's recorded target differs from this one (None: the same target).
-    Keys an older study did not record are not compared."""
+    Keys an older study did not record (this run has more) are not compared."""
     for key, was in old.items():
-        if key in new and new[key] != was:
+        if key not in new:
+            return key  # e.g. the study was also timed on further targets, this run is not
+        if new[key] != was:
             if isinstance(was, Mapping) and isinstance(new[key], Mapping):
                 inner = same_target(was, new[key])
                 if inner:

@@ -93,3 +93,31 @@ def test_int4_accuracy_level_is_a_searched_parameter(tmp_path: Path) -> None:
             assert trial.params["quant.int4_accuracy_level"] == cand.quant["int4_accuracy_level"]
         st.tell(trial, 0.0)
     assert seen == {0, 4}
+
+
+def test_two_targets_in_one_study_give_per_target_latencies_and_fronts(tmp_path: Path) -> None:
+    model = tiny_onnx(tmp_path / "m.onnx")
+    space = {"knobs": {"bits": [32, 8]}, "quantization": {"mode": ["dynamic"], "per_channel": [True, False]},
+             "strategy": {"analysis": False}, "sampler": {"name": "random"}}
+    one, two = Target(threads=1, **FAST), Target(threads=2, **FAST)
+    study = search(str(model), space=space, target=[one, two], study_name="two", studies_dir=tmp_path / "s",
+                   n_trials=4, verbose=False)
+    assert study.targets() == ["cpu-2t"]
+    df = study.trials(include_failed=False)
+    assert len(df) == 4 and df["latency_ms@cpu-2t"].gt(0).all() and (df["latency_ms@cpu-2t"] != df["latency_ms"]).all()
+    assert "latency_ms@cpu-2t" in study.baseline
+    front2 = study.front(target="cpu-2t")
+    # the second front is the Pareto set of (accuracy, latency on 2 threads)
+    pts = df[["accuracy", "latency_ms@cpu-2t"]].to_numpy()
+    for row in front2.itertuples():
+        assert not any(a >= row.accuracy and lat <= row.latency_ms and (a > row.accuracy or lat < row.latency_ms)
+                       for a, lat in pts)
+    assert (front2["latency_ms"] == front2["latency_ms@cpu-2t"]).all()
+    assert study.meta["target"]["also"]["cpu-2t"]["threads"] == 2
+    # resuming with only the first target is another set of targets: refused
+    import pytest
+
+    from autosearch.errors import StudyMismatchError
+
+    with pytest.raises(StudyMismatchError, match="target"):
+        search(str(model), space=space, target=[one], study_name="two", studies_dir=tmp_path / "s", n_trials=1, verbose=False)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -43,6 +44,8 @@ class SearchContext:
         calibration: Feeds for calibration (quantization, BatchNorm recalibration, distillation).
         say: Prints a line (a no-op when the search is quiet).
         verbose: Whether progress is printed.
+        also: Further targets (label -> target): every candidate is timed on each too (``latency_ms@<label>``);
+            ``target`` stays the one the objectives use.
     """
 
     space: SearchSpace
@@ -54,6 +57,7 @@ class SearchContext:
     calibration: list[dict[str, np.ndarray]]
     say: Callable[[str], None]
     verbose: bool = True
+    also: dict[str, Any] = field(default_factory=dict)  # label -> further target every candidate is timed on
 
 
 @contextlib.contextmanager
