@@ -80,6 +80,7 @@ class DashboardData:
         uniform: Uniform int8 variants of the analysis, or ``None``.
         running: Trials still running or waiting (not shown).
         notes: What was skipped, and why.
+        target_fronts: For a study timed on several targets, each further target's front (``study.front(target=)``).
     """
 
     study: str
@@ -96,6 +97,7 @@ class DashboardData:
     uniform: Any = None
     running: int = 0
     notes: list[str] = field(default_factory=list)
+    target_fronts: dict[str, Any] = field(default_factory=dict)  # further target's label -> its front
 
     def counts(self) -> dict[str, int]:
         """Trials per category (``failed`` counts FAIL and PRUNED trials)."""
@@ -310,10 +312,11 @@ def dashboard_data(study: Any) -> DashboardData:
     hv_df = pd.DataFrame(hv_rows, columns=["trial", "hypervolume"])
 
     analysis, uniform = _analysis_frames(study.optuna_study.user_attrs.get("analysis"), notes)
+    target_fronts = {lbl: study.front(target=lbl) for lbl in getattr(study, "targets", list)()}
     return DashboardData(
         study=study.name, metric=metric, objectives=objectives, baseline=study.baseline, points=points, failed=failed_df,
         front=front, knobs=knobs, hypervolume=hv_df, hv_reference=ref_out, analysis=analysis, uniform=uniform,
-        running=running, notes=notes,
+        running=running, notes=notes, target_fronts=target_fronts,
     )
 
 
@@ -357,6 +360,27 @@ def _pareto(data: DashboardData) -> Any:
         xaxis_title="latency (ms, median, ONNX Runtime)", yaxis_title=data.metric,
         template="plotly_white", height=520, legend={"orientation": "h", "y": -0.18},
     )
+    return fig
+
+
+def _targets_figure(data: DashboardData) -> Any:
+    """The front on each target of a study timed on several: one line each (speedup against that target's float)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    base = data.baseline
+    fronts = {"first target": (data.front, float(base.get("latency_ms") or 0))}
+    fronts.update({lbl: (f, float(base.get(f"latency_ms@{lbl}") or 0)) for lbl, f in data.target_fronts.items()})
+    for lbl, (front, float_ms) in fronts.items():
+        if front is None or not len(front):
+            continue
+        f = front.sort_values("latency_ms")
+        x = float_ms / f["latency_ms"].astype(float) if float_ms else f["latency_ms"].astype(float)
+        fig.add_trace(go.Scatter(x=x, y=f["accuracy"].astype(float), mode="lines+markers", name=lbl,
+                                 line={"shape": "hv"}, customdata=f["trial"],
+                                 hovertemplate=f"{lbl}: trial %{{customdata}}<br>%{{x:.2f}}x, %{{y:.4f}}<extra></extra>"))
+    fig.update_layout(title="The front on each target (speedup against the float model on that target)",
+                      xaxis_title="speedup (x)", yaxis_title=data.metric, template="plotly_white", height=440)
     return fig
 
 
@@ -443,6 +467,8 @@ def figures(data: DashboardData) -> dict[str, Any]:
         >>> figs["pareto"].show()                         # doctest: +SKIP
     """
     out: dict[str, Any] = {"pareto": _pareto(data)}
+    if data.target_fronts:
+        out["targets"] = _targets_figure(data)
     for knob, m in data.knobs.items():
         out[f"knobs_{knob}"] = _knob_figure(m)
     if data.hypervolume is not None and len(data.hypervolume):
@@ -513,7 +539,7 @@ def write_dashboard(study: Any, path: str | Path, *, title: str | None = None) -
         + "</p>",
     ]
     sections = {
-        "pareto": "Pareto front", "hypervolume": "Hypervolume over trials",
+        "pareto": "Pareto front", "hypervolume": "Hypervolume over trials", "targets": "The front on each target",
         "analysis_latency": "Analysis: latency per unit", "analysis_sensitivity": "Analysis: sensitivity per unit",
     }
     first = True

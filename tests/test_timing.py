@@ -114,6 +114,11 @@ def test_two_targets_in_one_study_give_per_target_latencies_and_fronts(tmp_path:
                        for a, lat in pts)
     assert (front2["latency_ms"] == front2["latency_ms@cpu-2t"]).all()
     assert study.meta["target"]["also"]["cpu-2t"]["threads"] == 2
+    from autosearch.dashboard import dashboard_data, figures
+
+    data = dashboard_data(study)
+    assert list(data.target_fronts) == ["cpu-2t"] and "targets" in figures(data)
+    assert [t.name for t in figures(data)["targets"].data] == ["first target", "cpu-2t"]
     # resuming with only the first target is another set of targets: refused
     import pytest
 
