@@ -437,7 +437,7 @@ def _rebuild_problem(study: Any, base_path: Path | None, notes: list[str]) -> tu
 
 
 def _target_of(study: Any) -> Any:
-    from autosearch.target import target_from_identity
+    from autosearch.remote import target_from_identity
 
     return target_from_identity(study.meta.get("target", {}) or {}, lock_path=str(Path(study.dir).parent / ".profile.lock"))
 

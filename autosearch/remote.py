@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from autosearch.errors import CandidateError, ConfigError
-from autosearch.target import LatencyStats, Target
+from autosearch.target import LatencyStats, Target, TimingTarget
 
-__all__ = ["RemoteTarget"]
+__all__ = ["RemoteTarget", "target_from_identity"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +149,13 @@ def _path_of(model: Any) -> str | Path:
     if path:
         return str(path)
     raise CandidateError("a remote target times model files: pass the path (this session was made from bytes)")
+
+
+def target_from_identity(ident: Mapping[str, Any], *, lock_path: str | None = None) -> TimingTarget:
+    """Rebuild the target a study recorded (a remote one reads its token from ``AUTOSEARCH_PROFILER_TOKEN``)."""
+    providers = tuple(ident.get("providers", ("CPUExecutionProvider",)))
+    threads = int(ident.get("threads", 1))
+    level = str(ident.get("graph_optimization_level", "all"))
+    if ident.get("kind") == "remote":
+        return RemoteTarget(str(ident["url"]), providers=providers, threads=threads, graph_optimization_level=level)
+    return Target(providers=providers, threads=threads, graph_optimization_level=level, lock_path=lock_path)

@@ -35,7 +35,7 @@ import numpy as np
 
 from autosearch.errors import CandidateError, ConfigError
 
-__all__ = ["LatencyStats", "Target", "TimingTarget", "cpu_name", "device_info", "interleaved", "same_target", "target_from_identity", "target_label"]
+__all__ = ["LatencyStats", "Target", "TimingTarget", "cpu_name", "device_info", "interleaved", "same_target", "target_label"]
 
 # CPU flags that decide which int8 kernels ONNX Runtime can use (VNNI: fast u8s8 and s8s8 dot products)
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
@@ -394,15 +394,3 @@ def same_target(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
                 continue
             return key
     return None
-
-
-def target_from_identity(ident: Mapping[str, Any], *, lock_path: str | None = None) -> TimingTarget:
-    """Rebuild the target a study recorded (a remote one reads its token from ``AUTOSEARCH_PROFILER_TOKEN``)."""
-    providers = tuple(ident.get("providers", ("CPUExecutionProvider",)))
-    threads = int(ident.get("threads", 1))
-    level = str(ident.get("graph_optimization_level", "all"))
-    if ident.get("kind") == "remote":
-        from autosearch.remote import RemoteTarget
-
-        return RemoteTarget(str(ident["url"]), providers=providers, threads=threads, graph_optimization_level=level)
-    return Target(providers=providers, threads=threads, graph_optimization_level=level, lock_path=lock_path)
