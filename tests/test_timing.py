@@ -119,6 +119,11 @@ def test_two_targets_in_one_study_give_per_target_latencies_and_fronts(tmp_path:
     data = dashboard_data(study)
     assert list(data.target_fronts) == ["cpu-2t"] and "targets" in figures(data)
     assert [t.name for t in figures(data)["targets"].data] == ["first target", "cpu-2t"]
+    report = study.export(tmp_path / "exp", pick=int(front2["trial"][0]))
+    m = report.measured
+    assert m["latency_ms@cpu-2t"] > 0 and m["speedup@cpu-2t"] > 0  # re-timed on the second target too
+    assert report.study_figures["latency_ms@cpu-2t"] == front2["latency_ms@cpu-2t"][0]
+    assert "on cpu-2t: " in report.table()
     # resuming with only the first target is another set of targets: refused
     import pytest
 
