@@ -107,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--profiler", default=None, metavar="URL",
                    help="time candidates on another device: the URL of `autosearch serve-profiler` running there "
                    "(token from $AUTOSEARCH_PROFILER_TOKEN); candidates are still scored here")
+    s.add_argument("--also-target", action="append", default=[], metavar="SPEC",
+                   help="time every candidate on this target too (repeatable; the front per target is in `front "
+                   "--target LABEL` and the dashboard): comma-separated threads=N, provider=NAME, profiler=URL, "
+                   "e.g. --also-target threads=2 --also-target profiler=http://edge:8765")
     _add_common(s)
 
     r = sub.add_parser("resume", help="continue a study created from the CLI",
@@ -119,10 +123,12 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("front", help="print the Pareto front (or every trial) of a study",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  autosearch front demo\n  autosearch front demo --all\n  autosearch front demo --csv front.csv\n")
+                       epilog="examples:\n  autosearch front demo\n  autosearch front demo --all\n  autosearch front demo --csv front.csv\n  autosearch front net --target cpu-2t      # a study searched with --also-target threads=2\n")
     f.add_argument("study", help="study name")
     f.add_argument("--all", action="store_true", help="every trial, failed ones with their reason")
     f.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    f.add_argument("--target", default=None, metavar="LABEL",
+                   help="the front on a further target of the study (searched with --also-target), e.g. cpu-2t")
     _add_common(f)
 
     a = sub.add_parser("analyze", help="units with parameters, FLOPs and measured latency share; or a study's analysis",
@@ -205,6 +211,35 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _target_spec(text: str) -> dict[str, Any]:
+    """``threads=2,provider=X,profiler=URL`` -> a mapping (one line naming the bad part)."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, val = part.partition("=")
+        if not sep or key not in ("threads", "provider", "profiler"):
+            raise ConfigError(f"--also-target {text!r}: {part!r} is not threads=N, provider=NAME or profiler=URL")
+        if key == "threads":
+            if not val.isdigit() or int(val) < 1:
+                raise ConfigError(f"--also-target {text!r}: threads must be a positive integer, got {val!r}")
+            out[key] = int(val)
+        else:
+            out[key] = val
+    if not out:
+        raise ConfigError("--also-target needs at least one of threads=N, provider=NAME, profiler=URL")
+    return out
+
+
+def _make_target(spec: dict[str, Any], studies_dir: str) -> Any:
+    from autosearch.target import Target
+
+    provider = (spec.get("provider", "CPUExecutionProvider"),)
+    if spec.get("profiler"):
+        from autosearch.remote import RemoteTarget
+
+        return RemoteTarget(str(spec["profiler"]), providers=provider, threads=int(spec.get("threads", 1)))
+    return Target(providers=provider, threads=int(spec.get("threads", 1)), lock_path=str(Path(studies_dir) / ".profile.lock"))
+
+
 def _spec(args: argparse.Namespace) -> dict[str, Any]:
     """The problem of a search (stored in the study so `resume` can rebuild it)."""
     if args.model == "default":
@@ -215,6 +250,8 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
     spec.update(threads=args.threads, provider=getattr(args, "provider", "CPUExecutionProvider"))
     if getattr(args, "profiler", None):
         spec["profiler"] = args.profiler
+    if getattr(args, "also_target", None):
+        spec["also"] = [_target_spec(t) for t in args.also_target]
     if _strategy(args):
         spec["strategy"] = _strategy(args)
     return spec
@@ -226,21 +263,14 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
     from autosearch.report import print_front
     from autosearch.space import load_space
     from autosearch.study import search
-    from autosearch.target import Target
 
     model, evaluator, example = load_problem(spec)
     space = load_space(spec.get("space"))
     if spec.get("strategy"):
         space = space.with_strategy(**spec["strategy"])
-    target: Any
-    if spec.get("profiler"):
-        from autosearch.remote import RemoteTarget
-
-        target = RemoteTarget(str(spec["profiler"]), providers=(spec.get("provider", "CPUExecutionProvider"),),
-                              threads=int(spec.get("threads", 1)))
-    else:
-        target = Target(providers=(spec.get("provider", "CPUExecutionProvider"),), threads=int(spec.get("threads", 1)),
-                        lock_path=str(Path(studies_dir) / ".profile.lock"))
+    target: Any = _make_target(spec, studies_dir)
+    if spec.get("also"):
+        target = [target, *(_make_target(t, studies_dir) for t in spec["also"])]
     st = search(model, evaluator, example_inputs=example, space=space, target=target, study_name=study,
                 storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec)
     if show_front:
@@ -276,12 +306,17 @@ def _cmd(args: argparse.Namespace) -> int:
         from autosearch.study import Study
 
         st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
-        if args.all:
+        if args.target:
+            df = st.front(target=args.target)
+            cols = ["trial", "accuracy", "latency_ms", f"speedup@{args.target}", "size_mb", "config"]
+            print(f"front of study {args.study!r} on {args.target} ({len(df)} trial(s)):")
+            print(df[[c for c in cols if c in df]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        elif args.all:
             print(format_front(st, all_trials=True))
         else:
             print_front(st)
         if args.csv:
-            (st.trials() if args.all else st.front()).to_csv(args.csv, index=False)
+            (st.trials() if args.all else st.front(target=args.target)).to_csv(args.csv, index=False)
             print(f"wrote {args.csv}")
         return 0
     if args.command == "analyze":

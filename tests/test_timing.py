@@ -131,3 +131,23 @@ def test_two_targets_in_one_study_give_per_target_latencies_and_fronts(tmp_path:
 
     with pytest.raises(StudyMismatchError, match="target"):
         search(str(model), space=space, target=[one], study_name="two", studies_dir=tmp_path / "s", n_trials=1, verbose=False)
+
+
+def test_cli_also_target_and_front_per_target(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tiny_onnx(tmp_path / "m.onnx")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "autosearch", *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+    out = cli("search", "--model", "m.onnx", "--study", "t", "--n-trials", "2", "--no-analysis", "--also-target", "threads=2")
+    assert out.returncode == 0, out.stderr
+    out = cli("front", "t", "--target", "cpu-2t")
+    assert out.returncode == 0 and "front of study 't' on cpu-2t" in out.stdout and "speedup@cpu-2t" in out.stdout
+    out = cli("front", "t", "--target", "cpu-4t")
+    assert out.returncode == 2 and "was not timed on 'cpu-4t'; its targets: cpu-2t" in out.stderr
+    out = cli("search", "--model", "m.onnx", "--study", "u", "--also-target", "thread=2")
+    assert out.returncode == 2 and "'thread=2' is not threads=N, provider=NAME or profiler=URL" in out.stderr
