@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +24,7 @@ from autosearch.errors import CandidateError, ConfigError
 from autosearch.feeds import Inputs, Samples, batches_of, can_batch, session_ranks, stack_outputs
 from autosearch.metrics import Metric, per_output, resolve_metric
 
-__all__ = ["Evaluator", "FidelityEvaluator", "LabelledEvaluator", "default_evaluator", "run_batched"]
+__all__ = ["Evaluator", "FidelityEvaluator", "LabelledEvaluator", "default_evaluator", "evaluator_fingerprint", "run_batched"]
 
 
 @runtime_checkable
@@ -45,6 +46,55 @@ def _length(inputs: Inputs) -> int:
     if isinstance(inputs, np.ndarray):
         return len(inputs)
     return len(inputs) if inputs and isinstance(inputs[0], Mapping) else len(inputs[0])
+
+
+def _arrays(inputs: Any, where: str = "") -> list[tuple[str, np.ndarray]]:
+    """Every array of samples in any accepted form, with where it sits (``input 'x'``, ``sample 3, input 'x'``)."""
+    if isinstance(inputs, Samples):
+        inputs = inputs._feeds if inputs._feeds is not None else inputs._arrays
+    if hasattr(inputs, "detach"):  # a torch tensor
+        inputs = inputs.detach().cpu().numpy()
+    if isinstance(inputs, np.ndarray) or np.isscalar(inputs):
+        return [(where, np.asarray(inputs))]
+    if isinstance(inputs, Mapping):
+        return [a for k, v in inputs.items() for a in _arrays(v, f"{where}, input {k!r}" if where else f"input {k!r}")]
+    if isinstance(inputs, (list, tuple)):
+        feeds = bool(inputs) and isinstance(inputs[0], Mapping)
+        return [a for i, v in enumerate(inputs)
+                for a in _arrays(v, f"sample {i}" if feeds else (f"{where}, array {i}" if where else f"array {i}"))]
+    return [(where, np.asarray(inputs))]
+
+
+def _metric_id(metric: Any) -> Any:
+    """What names a metric in a fingerprint: a built-in's name, a callable's module and name, per output."""
+    if isinstance(metric, str) or metric is None:
+        return metric
+    if isinstance(metric, Mapping):
+        return {str(k): _metric_id(v) for k, v in metric.items()}
+    return f"{getattr(metric, '__module__', '')}.{getattr(metric, '__qualname__', '')}:{getattr(metric, '__name__', type(metric).__name__)}"
+
+
+def _fingerprint(kind: str, metric: Any, *parts: Any) -> str:
+    """Hash of a scorer's kind, metric and data: every array's dtype, shape and bytes, in order."""
+    h = hashlib.sha256(repr((kind, _metric_id(metric))).encode())
+    for part in parts:
+        if part is None:
+            h.update(b"<none>")
+            continue
+        for where, arr in _arrays(part):
+            arr = np.ascontiguousarray(arr)
+            h.update(f"|{where}|{arr.dtype.str}|{arr.shape}|".encode())
+            h.update(repr(arr.tolist()).encode() if arr.dtype.hasobject else arr.view(np.uint8).reshape(-1).data)
+    return h.hexdigest()[:16]
+
+
+def evaluator_fingerprint(evaluator: Any) -> tuple[str, bool]:
+    """``(fingerprint, known)``: the evaluator's ``fingerprint()`` (a hash of its data and metric), or, for a
+    scorer without one, ``name:<its name>`` and ``known=False`` (a change of its data cannot be told)."""
+    fp = getattr(evaluator, "fingerprint", None)
+    if callable(fp):
+        return str(fp()), True
+    return f"name:{getattr(evaluator, 'name', type(evaluator).__name__)}", False
 
 
 def _check_shapes(session: Any, samples: Samples) -> None:
@@ -191,6 +241,11 @@ class LabelledEvaluator:
     def calibration_feeds(self, n: int, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
         return self._data.calibration_feeds(n, input_names)
 
+    def fingerprint(self) -> str:
+        """Hash of the metric, inputs, labels and calibration samples (a resumed study must match it)."""
+        calib = None if self.calibration is self.inputs else self.calibration
+        return _fingerprint("labelled", self.metric, self.inputs, self.labels, calib)
+
 
 class FidelityEvaluator:
     """Label-free score: agreement of the candidate's outputs with the original model's.
@@ -226,6 +281,7 @@ class FidelityEvaluator:
         self.inputs = inputs
         self.metric = metric
         self.reference = None if reference is None else list(reference)
+        self._given_reference = self.reference
         self._ref_session: Any = None
         self._ref_limited: dict[int, list[Any]] = {}
         self.calibration = self._data.calibration
@@ -269,6 +325,11 @@ class FidelityEvaluator:
 
     def calibration_feeds(self, n: int, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
         return self._data.calibration_feeds(n, input_names)
+
+    def fingerprint(self) -> str:
+        """Hash of the metric, inputs, calibration samples and given reference outputs (a resumed study must match it)."""
+        calib = None if self.calibration is self.inputs else self.calibration
+        return _fingerprint("fidelity", self.metric, self.inputs, calib, self._given_reference)
 
 
 def default_evaluator(model: Any, *, n: int = 64) -> FidelityEvaluator:

@@ -22,7 +22,7 @@ import optuna
 
 from autosearch.candidate import Candidate
 from autosearch.errors import CandidateError, ConfigError, StudyMismatchError
-from autosearch.evaluate import Evaluator, default_evaluator
+from autosearch.evaluate import Evaluator, default_evaluator, evaluator_fingerprint
 from autosearch.model import import_model
 from autosearch.space import OBJECTIVES, SearchSpace, load_space
 from autosearch.steps import SearchContext, quiet_optuna
@@ -301,6 +301,9 @@ def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, sp
     if not isinstance(evaluator, Evaluator):
         raise ConfigError("evaluator must be callable as evaluator(session, limit=None) -> float with calibration_feeds(); "
                           "use LabelledEvaluator or FidelityEvaluator")
+    if not evaluator_fingerprint(evaluator)[1]:
+        say(f"[autosearch] note: evaluator {evaluator.name!r} has no fingerprint(), so a resumed study cannot tell whether "
+            "its data changed (its name stands in); give it a fingerprint() returning a hash of its data and metric")
     for n in source.notes:
         say(f"[autosearch] import: {n}")
     units, notes = discover_units(source, sp)
@@ -340,6 +343,7 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
         "target": {k: v for k, v in ctx.target.describe().items() if k in ("providers", "threads", "graph_optimization_level")},
         "objectives": list(sp.objectives),
         "evaluator": ctx.evaluator.name,
+        "evaluator_fingerprint": evaluator_fingerprint(ctx.evaluator)[0],
         "space": sp.to_dict(),
         "sampler": {"name": sp.sampler, "seed": sp.seed, "population_size": sp.population_size},
         "units": {k: list(v) for k, v in ctx.units.items()},
@@ -354,6 +358,10 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
             if old:
                 _check_same(old, meta, study_name, url)
                 meta["sampler"] = old["sampler"]
+                if "evaluator_fingerprint" not in old:  # made before fingerprints were recorded: record it now
+                    ctx.say("[autosearch] note: this study did not record its evaluator's data, so it cannot be checked; "
+                            "recorded now (its cached candidates are measured again)")
+                    existing.set_user_attr(_ATTR, {**old, "evaluator_fingerprint": meta["evaluator_fingerprint"]})
         n_before = len(existing.trials) if existing is not None else 0
         # trials queued by the warm start but not run yet (e.g. after `analyze --sensitivity`) are not done
         n_done = sum(t.state != optuna.trial.TrialState.WAITING for t in existing.trials) if existing is not None else 0
@@ -383,8 +391,12 @@ def _check_same(old: Mapping[str, Any], new: Mapping[str, Any], name: str, url: 
         ("space_fingerprint", "a different search space", "use the space it was created with (see `autosearch front` for it), or a new study name"),
         ("target", "a different target", "use the same provider and thread count, or a new study name"),
         ("objectives", "different objectives", "keep the objectives, or use a new study name"),
+        ("evaluator_fingerprint", "different evaluation data or metric (inputs, labels, calibration samples or metric)",
+         "use the same data, or a new study name"),
     )
     for key, what, fix in checks:
+        if key == "evaluator_fingerprint" and key not in old:
+            continue  # a study made before the fingerprint was recorded
         if old.get(key) != new.get(key):
             raise StudyMismatchError(
                 f"study {name!r} in {url} was created with {what} ({key}: {old.get(key)!r}, now {new.get(key)!r}); {fix}"

@@ -1,0 +1,185 @@
+"""Guards: a study resumed only on the data it was made with, and bad input refused up front.
+
+Every refusal is one ``ConfigError`` line that names the problem and the fix, raised before any trial
+runs: each test checks the message and that the study on disk did not change (or was never created).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import optuna
+import pytest
+from conftest import tiny_onnx
+from onnx import TensorProto, helper
+
+from autosearch import FidelityEvaluator, LabelledEvaluator, Study, StudyMismatchError, Target, search
+from autosearch.cli import main
+from autosearch.errors import ConfigError
+from autosearch.evaluate import evaluator_fingerprint
+from autosearch.export import export_trial
+
+SPACE: dict[str, Any] = {
+    "knobs": {"bits": [32, 8]},
+    "quantization": {"mode": ["static"], "calibration_samples": 16},
+    "constraints": {"max_accuracy_drop": 0.02},
+    "sampler": {"name": "random", "seed": 0},
+    "strategy": {"analysis": False, "remeasure_front": False},
+}
+ONE = {**SPACE, "knobs": {"bits": [8]}}  # one candidate: every trial after the first is the cached one
+N = 128  # one sample moves accuracy by 0.0078, under the 0.02 allowed
+
+
+def _target(d: Path) -> Target:
+    return Target(threads=1, warmup=2, min_runs=10, max_runs=50, max_seconds=0.1, lock_path=str(d / "lock"))
+
+
+def _labels(model: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].argmax(1)
+
+
+def snapshot(studies: Path, name: str) -> Any:
+    """What a study holds (trials with their states, values and attributes; the study's attributes), or
+    ``None`` when it does not exist."""
+    db = studies / f"{name}.db"
+    if not db.exists():
+        return None
+    try:
+        st = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    except KeyError:
+        return None
+    return [(t.number, t.state.name, t.values, t.user_attrs) for t in st.trials], st.user_attrs
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One small study on the MLP with labels, scored 1.0 by the float model (two trials)."""
+    d = tmp_path_factory.mktemp("guards")
+    model = tiny_onnx(d / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, 16)).astype(np.float32)
+    calib = rng.standard_normal((32, 16)).astype(np.float32)
+    y = _labels(model, x)
+    kw = {"space": SPACE, "target": _target(d), "study_name": "base", "studies_dir": d / "studies", "verbose": False}
+    search(model, LabelledEvaluator(x, y, calibration=calib), n_trials=2, **kw)
+    return {"dir": d, "model": model, "x": x, "y": y, "calib": calib, "kw": kw, "studies": d / "studies"}
+
+
+def _refused_resume(base: dict[str, Any], evaluator: Any, match: str) -> None:
+    before = snapshot(base["studies"], "base")
+    with pytest.raises(StudyMismatchError, match=match) as err:
+        search(base["model"], evaluator, n_trials=1, **base["kw"])
+    assert "\n" not in str(err.value)
+    assert snapshot(base["studies"], "base") == before  # nothing run, nothing recorded
+
+
+# --------------------------------------------------------------------------- 1. integrity
+FIX = r"different evaluation data or metric .*evaluator_fingerprint.*use the same data, or a new study name"
+
+
+def test_resume_with_other_labels_is_refused(base: dict[str, Any]) -> None:
+    y = (base["y"] + 1) % 10  # the float model would score 0.0 on these; a cached candidate would keep its 1.0
+    _refused_resume(base, LabelledEvaluator(base["x"], y, calibration=base["calib"]), FIX)
+
+
+def test_resume_with_other_inputs_is_refused(base: dict[str, Any]) -> None:
+    x = base["x"].copy()
+    x[0, 0] += 1.0  # one value of one sample
+    _refused_resume(base, LabelledEvaluator(x, base["y"], calibration=base["calib"]), FIX)
+
+
+def test_resume_with_other_calibration_samples_is_refused(base: dict[str, Any]) -> None:
+    _refused_resume(base, LabelledEvaluator(base["x"], base["y"], calibration=base["calib"][:16]), FIX)
+
+
+def test_resume_with_another_metric_is_refused(base: dict[str, Any]) -> None:
+    def accuracy(outs: list[np.ndarray], labels: np.ndarray) -> float:
+        return float((outs[0].argmax(1) == labels).mean())
+
+    _refused_resume(base, LabelledEvaluator(base["x"], base["y"], calibration=base["calib"], metric=accuracy), FIX)
+
+
+def test_fingerprint_follows_data_and_metric() -> None:
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((20, 4)).astype(np.float32), np.arange(20) % 3
+    fp = LabelledEvaluator(x, y).fingerprint()
+    assert fp == LabelledEvaluator(x.copy(), y.copy()).fingerprint()  # the data, not the objects
+    others = [LabelledEvaluator(x, y[::-1].copy()), LabelledEvaluator(x.astype(np.float64), y),
+              LabelledEvaluator(x, y, calibration=x[:5]), LabelledEvaluator(x, y, metric=lambda o, t: 0.0),
+              FidelityEvaluator(x)]
+    assert len({fp, *(e.fingerprint() for e in others)}) == 1 + len(others)
+    assert FidelityEvaluator(x).fingerprint() != FidelityEvaluator(x, metric="top1").fingerprint()
+    assert FidelityEvaluator([{"x": x[:1]}]).fingerprint() == FidelityEvaluator([{"x": x[:1].copy()}]).fingerprint()
+
+
+def test_the_default_evaluator_has_a_stable_fingerprint(mlp_onnx: Path) -> None:
+    from autosearch.evaluate import default_evaluator
+
+    model = onnx.load(str(mlp_onnx))
+    assert default_evaluator(model).fingerprint() == default_evaluator(model).fingerprint()  # seeded random inputs
+    assert default_evaluator(model).fingerprint() != default_evaluator(model, n=8).fingerprint()
+
+
+def test_candidate_folder_depends_on_the_evaluator(base: dict[str, Any]) -> None:
+    from autosearch import Candidate
+    from autosearch.model import import_model
+    from autosearch.store import CandidateStore
+
+    src = import_model(base["model"])
+    cand = Candidate(bits={"fc2": 8})
+
+    def folder(ev: Any) -> Path:
+        return CandidateStore(base["dir"], src, {}, [], ev, _target(base["dir"]), 1.0).folder(cand)
+
+    same = folder(LabelledEvaluator(base["x"], base["y"]))
+    assert same == folder(LabelledEvaluator(base["x"].copy(), base["y"].copy()))
+    assert same != folder(LabelledEvaluator(base["x"], (base["y"] + 1) % 10))
+    assert same.name != cand.key(src.fingerprint)  # Candidate.key itself is unchanged: the store mixes the data in
+
+
+def test_resume_with_the_same_data_reuses_cached_candidates(base: dict[str, Any], tmp_path: Path) -> None:
+    kw = {**base["kw"], "space": ONE, "study_name": "same", "studies_dir": tmp_path}
+    search(base["model"], LabelledEvaluator(base["x"], base["y"], calibration=base["calib"]), n_trials=1, **kw)
+    again = search(base["model"], LabelledEvaluator(base["x"].copy(), base["y"].copy(), calibration=base["calib"].copy()),
+                   n_trials=1, **kw)
+    trials = again.optuna_study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert [bool(t.user_attrs.get("cached")) for t in trials] == [False, True]
+    assert trials[1].user_attrs["accuracy"] == trials[0].user_attrs["accuracy"] and again.baseline["accuracy"] == 1.0
+    assert len(list((tmp_path / "same" / "candidates").iterdir())) == 1
+    assert again.meta["evaluator_fingerprint"] == LabelledEvaluator(base["x"], base["y"], calibration=base["calib"]).fingerprint()
+
+
+def test_a_scorer_without_fingerprint_falls_back_to_its_name(base: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    class Mine:
+        name = "mine"
+
+        def __call__(self, session: Any, *, limit: int | None = None) -> float:
+            return 1.0
+
+        def calibration_feeds(self, n: int, input_names: Any) -> list[dict[str, np.ndarray]]:
+            return [{"x": base["calib"][i : i + 1]} for i in range(min(n, 8))]
+
+    assert evaluator_fingerprint(Mine()) == ("name:mine", False)
+    st = search(base["model"], Mine(), n_trials=0, **{**base["kw"], "study_name": "mine", "studies_dir": tmp_path, "verbose": True})
+    assert "evaluator 'mine' has no fingerprint()" in capsys.readouterr().out
+    assert st.meta["evaluator_fingerprint"] == "name:mine"
+
+
+def test_a_study_made_before_fingerprints_resumes_and_records_one(base: dict[str, Any], tmp_path: Path) -> None:
+    kw = {**base["kw"], "space": ONE, "study_name": "old", "studies_dir": tmp_path}
+    ev = LabelledEvaluator(base["x"], base["y"], calibration=base["calib"])
+    st = search(base["model"], ev, n_trials=1, **kw)
+    meta = st.meta
+    del meta["evaluator_fingerprint"]
+    st.optuna_study.set_user_attr("autosearch", meta)
+    again = search(base["model"], ev, n_trials=1, **kw)
+    assert len(again.optuna_study.trials) == 2 and again.meta["evaluator_fingerprint"] == ev.fingerprint()
