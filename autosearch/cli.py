@@ -208,7 +208,19 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
         print_front(st)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Arguments every command shares, checked before any model is loaded."""
+    if getattr(args, "study", None) is not None or getattr(args, "storage", None):
+        from autosearch.study import check_storage_url, check_study_name
+
+        if getattr(args, "study", None) is not None:
+            check_study_name(args.study)
+        if getattr(args, "storage", None):
+            check_storage_url(args.storage)
+
+
 def _cmd(args: argparse.Namespace) -> int:
+    _check_args(args)
     if args.command == "demo":
         spec = {"kind": "default", "space": args.space, "threads": args.threads}
         if _strategy(args):

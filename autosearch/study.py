@@ -34,7 +34,7 @@ from autosearch.steps.warm_start import apply_narrowing, queue_warm_start
 from autosearch.store import CandidateStore
 from autosearch.target import Target
 
-__all__ = ["Study", "default_storage", "remeasure_front", "search"]
+__all__ = ["Study", "check_storage_url", "check_study_name", "default_storage", "remeasure_front", "search"]
 
 _ATTR = "autosearch"
 
@@ -46,10 +46,74 @@ def default_storage(study_name: str, studies_dir: str | Path = "studies") -> str
     return f"sqlite:///{d / f'{study_name}.db'}"
 
 
+def check_study_name(name: Any) -> str:
+    """A study name is a plain name (it names ``<studies>/<name>.db`` and ``<studies>/<name>/``).
+
+    Raises:
+        ConfigError: empty, not a string, a path separator, ``..`` or a leading dot.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"study name {name!r} is empty: give a plain name such as 'mynet-int8'")
+    bad = next((c for c in ("/", "\\", os.sep, "\0") if c in name), None) or (".." if ".." in name else None)
+    if bad is not None or name.startswith(".") or name != name.strip():
+        what = (f"holds {bad!r}" if bad is not None else "starts with a dot" if name.startswith(".")
+                else "starts or ends with a space")
+        raise ConfigError(f"study name {name!r} {what}: a study name is a plain name (no path separators, no '..', "
+                          "no leading dot), e.g. 'mynet-int8'; use --studies-dir / studies_dir= to choose the folder")
+    return name
+
+
+_DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "mysqldb": "mysqlclient", "pymysql": "pymysql",
+            "asyncpg": "asyncpg", "pg8000": "pg8000", "mysqlconnector": "mysql-connector-python"}
+
+
+def check_storage_url(url: Any) -> Any:
+    """Parse an Optuna storage URL (SQLAlchemy's form), with one-line errors that say the fix.
+
+    Raises:
+        ConfigError: not a URL, an unknown database, its driver not installed, a SQLite file in a missing folder.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    example = "sqlite:///studies/mine.db or postgresql+psycopg://user:password@host/dbname"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError) as exc:
+        raise ConfigError(f"storage {url!r} is not a database URL ({exc}): write it as {example}") from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        dialect = parsed.get_dialect()
+    except ArgumentError:
+        raise ConfigError(f"storage {shown!r}: unknown database {parsed.drivername!r}; use sqlite:///... or "
+                          "postgresql+psycopg://... (or another SQLAlchemy database URL)") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        driver = parsed.get_driver_name()
+        pkg = _DRIVERS.get(driver, driver)
+        raise ConfigError(f"storage {shown!r} needs the Python driver {driver!r} for {parsed.get_backend_name()}, which is "
+                          f"not installed ({exc}): pip install {pkg}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).parent
+        if not folder.is_dir():
+            raise ConfigError(f"storage {shown!r}: the folder {str(folder)!r} of the SQLite file does not exist: "
+                              "create it, or leave --storage out (the default is sqlite:///<studies-dir>/<study>.db)")
+    return parsed
+
+
 def _storage(url: str) -> optuna.storages.BaseStorage:
-    if url.startswith("sqlite:"):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    parsed = check_storage_url(url)
+    try:
+        if url.startswith("sqlite:"):
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.RDBStorage(url)
+    except SQLAlchemyError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot open the study storage {parsed.render_as_string(hide_password=True)!r} ({first[:300]}): "
+                          "check the URL, that the database server runs and the credentials") from None
 
 
 def _make_sampler(name: str, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
@@ -81,6 +145,9 @@ class Study:
         Raises:
             ConfigError: no study of that name in that storage.
         """
+        check_study_name(study_name)
+        if storage is not None:
+            check_storage_url(storage)
         url = storage or default_storage(study_name, studies_dir)
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
             raise ConfigError(f"no study database at {url[len('sqlite:///'):]}: check the study name or pass --storage")
@@ -240,6 +307,9 @@ def search(
         ...                study_name="mine", n_trials=10)          # doctest: +SKIP
         >>> study.front()                                            # doctest: +SKIP
     """
+    check_study_name(study_name)
+    if storage is not None:
+        check_storage_url(storage)
     say = _print_row if verbose else _silent
     ctx = _context(model, evaluator, example_inputs=example_inputs, space=space, target=target, say=say,
                    verbose=verbose, study_dir=Path(studies_dir) / study_name)

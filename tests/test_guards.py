@@ -183,3 +183,45 @@ def test_a_study_made_before_fingerprints_resumes_and_records_one(base: dict[str
     st.optuna_study.set_user_attr("autosearch", meta)
     again = search(base["model"], ev, n_trials=1, **kw)
     assert len(again.optuna_study.trials) == 2 and again.meta["evaluator_fingerprint"] == ev.fingerprint()
+
+
+# --------------------------------------------------------------------------- 2. names and storage URLs
+BAD_NAMES = ["", "  ", "a/b", "../up", "a..b", ".hidden", "back\\slash"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_study_name_is_a_plain_name(name: str, mlp_onnx: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"study name .*(empty|plain name)") as err:
+        search(mlp_onnx, study_name=name, studies_dir=tmp_path / "s", space=SPACE, n_trials=1, verbose=False)
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.rglob("*.db"))  # no study anywhere
+
+
+def test_load_and_cli_check_the_name_too(tmp_path: Path, capsys: Any) -> None:
+    with pytest.raises(ConfigError, match=r"study name '\.\.' holds '\.\.'.*plain name.*--studies-dir"):
+        Study.load("..", studies_dir=tmp_path)
+    assert main(["front", "a/b", "--studies-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autosearch: error: study name 'a/b' holds '/'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("url", "match"), [
+    ("notaurl", r"storage 'notaurl' is not a database URL .*write it as sqlite:///"),
+    ("foo://host/db", r"unknown database 'foo'; use sqlite:///\.\.\. or postgresql\+psycopg"),
+    ("postgresql://user:secret@localhost/db", r"needs the Python driver 'psycopg' .*pip install psycopg\[binary\]"),
+    ("sqlite:////no/such/folder/x.db", r"folder '/no/such/folder' of the SQLite file does not exist: create it"),
+])
+def test_storage_urls_are_checked(url: str, match: str, mlp_onnx: Path, tmp_path: Path) -> None:
+    for call in (lambda: search(mlp_onnx, storage=url, studies_dir=tmp_path, space=SPACE, n_trials=1, verbose=False),
+                 lambda: Study.load("x", url, studies_dir=tmp_path)):
+        with pytest.raises(ConfigError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value) and "secret" not in str(err.value)
+    assert not list(tmp_path.rglob("*.db"))
+
+
+def test_cli_storage_error_is_one_line(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "autosearch", "front", "x", "--storage", "notaurl"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("autosearch: error: storage 'notaurl' is not a database URL") and out.stderr.count("\n") == 1
