@@ -210,6 +210,9 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
 
 def _check_args(args: argparse.Namespace) -> None:
     """Arguments every command shares, checked before any model is loaded."""
+    n = getattr(args, "n_trials", None)
+    if n is not None and n < 1:
+        raise ConfigError(f"--n-trials {n}: run at least 1 trial (leave --n-trials out for the space's budget)")
     if getattr(args, "study", None) is not None or getattr(args, "storage", None):
         from autosearch.study import check_storage_url, check_study_name
 

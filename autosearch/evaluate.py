@@ -65,6 +65,19 @@ def _arrays(inputs: Any, where: str = "") -> list[tuple[str, np.ndarray]]:
     return [(where, np.asarray(inputs))]
 
 
+def _check_finite(inputs: Any, what: str) -> None:
+    """NaN or inf in samples makes every score meaningless (and quantization calibration fail): refuse it."""
+    for where, arr in _arrays(inputs):
+        if arr.dtype.kind not in "fc":
+            continue
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            first = int(np.argwhere(bad.reshape(len(arr), -1) if arr.ndim else bad.reshape(1, 1))[0][0])
+            at = where if "sample" in where or not arr.ndim else ", ".join(filter(None, [f"sample {first}", where]))
+            raise ConfigError(f"the {what} hold {int(bad.sum())} NaN or inf value(s) (first at {at or 'the scalar'}): clean "
+                              "them or drop those samples before searching (np.isfinite finds them)")
+
+
 def _metric_id(metric: Any) -> Any:
     """What names a metric in a fingerprint: a built-in's name, a callable's module and name, per output."""
     if isinstance(metric, str) or metric is None:
@@ -161,6 +174,9 @@ class _Scored:
     def __init__(self, inputs: Inputs, calibration: Inputs | None, batch_size: int) -> None:
         if isinstance(inputs, (list, tuple)) and not inputs:
             raise ConfigError("the evaluation data holds no sample")
+        _check_finite(inputs, "evaluation inputs")
+        if calibration is not None:
+            _check_finite(calibration, "calibration samples")
         self.inputs = inputs
         self.calibration = calibration if calibration is not None else inputs
         self.batch_size = batch_size
@@ -218,6 +234,8 @@ class LabelledEvaluator:
             raise ConfigError(f"{_length(inputs)} input samples but {len(labels)} labels: give one label per sample")
         if isinstance(metric, str) and metric != "accuracy":
             raise ConfigError(f"metric {metric!r} is not known; use 'accuracy' or pass a callable (outputs, labels) -> float")
+        if metric == "accuracy":
+            _check_class_labels(labels)
         self._data = _Scored(inputs, calibration, batch_size)
         self.inputs = inputs
         self.labels = labels
@@ -245,6 +263,47 @@ class LabelledEvaluator:
         """Hash of the metric, inputs, labels and calibration samples (a resumed study must match it)."""
         calib = None if self.calibration is self.inputs else self.calibration
         return _fingerprint("labelled", self.metric, self.inputs, self.labels, calib)
+
+    def validate(self, session: Any) -> None:
+        """Check the labels against the float model's output on the first batch (``accuracy`` only).
+
+        Raises:
+            ConfigError: a label outside the model's classes.
+        """
+        if self.metric != "accuracy":
+            return
+        n = min(self.num_samples, self.batch_size)
+        outs = self._data.run(session, n)
+        first = outs[0] if not isinstance(outs[0], list) else np.concatenate([np.asarray(o).reshape(1, -1) for o in outs[0]])
+        classes = int(np.asarray(first).size // n)
+        bad = np.flatnonzero(self.labels >= classes)
+        if bad.size:
+            raise ConfigError(
+                f"label {self.labels[bad[0]].item()!r} (sample {int(bad[0])}; {bad.size} label(s) in all) is outside the model's "
+                f"{classes} classes (its first output gives {classes} score(s) per sample, classes 0..{classes - 1}): "
+                "pass class indices of this model's output, or a metric callable for other labels"
+            )
+
+
+def _check_class_labels(labels: np.ndarray) -> None:
+    """Labels for ``accuracy`` are class indices: one integer >= 0 per sample."""
+    if labels.ndim != 1:
+        fix = "y.argmax(1) for one-hot labels" if labels.ndim == 2 and labels.shape[1] > 1 else "y.reshape(-1)"
+        raise ConfigError(f"labels for metric 'accuracy' must be one class index per sample (shape (N,)), got shape "
+                          f"{list(labels.shape)}: pass {fix}")
+    if labels.dtype.kind not in "biuf":
+        raise ConfigError(f"labels for metric 'accuracy' must be integer class indices, got dtype {labels.dtype}: map them "
+                          "to indices, e.g. np.unique(y, return_inverse=True)[1]")
+    if labels.dtype.kind == "f":
+        frac = np.flatnonzero(~np.isfinite(labels) | (np.mod(np.nan_to_num(labels), 1) != 0))
+        if frac.size:
+            raise ConfigError(f"labels for metric 'accuracy' must be integer class indices; label {labels[frac[0]].item()!r} "
+                              f"(sample {int(frac[0])}; {frac.size} in all) is not: pass y.astype(int) class indices "
+                              "(or a metric callable for continuous targets)")
+    neg = np.flatnonzero(labels < 0)
+    if neg.size:
+        raise ConfigError(f"labels for metric 'accuracy' must be class indices >= 0; label {labels[neg[0]].item()!r} "
+                          f"(sample {int(neg[0])}; {neg.size} in all) is negative: remap them to 0..C-1")
 
 
 class FidelityEvaluator:

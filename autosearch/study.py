@@ -308,6 +308,7 @@ def search(
         >>> study.front()                                            # doctest: +SKIP
     """
     check_study_name(study_name)
+    _check_n_trials(n_trials)
     if storage is not None:
         check_storage_url(storage)
     say = _print_row if verbose else _silent
@@ -349,6 +350,14 @@ def search(
     return study
 
 
+def _check_n_trials(n_trials: Any) -> None:
+    if n_trials is None:
+        return
+    if isinstance(n_trials, bool) or not isinstance(n_trials, (int, np.integer)) or n_trials < 0:
+        raise ConfigError(f"n_trials is {n_trials!r}: pass a whole number of trials >= 0 (0 runs only the analysis), "
+                          "or None for the space's budget")
+
+
 def _print_row(msg: str) -> None:
     print(msg, flush=True)
 
@@ -361,6 +370,7 @@ def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, sp
              say: Any, verbose: bool, study_dir: Path) -> SearchContext:
     """Load and check everything a search needs before any work starts (a ConfigError names what is wrong)."""
     sp = load_space(space)
+    _check_knobs(sp)
     study_dir.parent.mkdir(parents=True, exist_ok=True)
     tgt = target or Target(lock_path=str(study_dir.parent / ".profile.lock"))
     source = import_model(model, example_inputs)
@@ -384,14 +394,61 @@ def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, sp
     calibration = evaluator.calibration_feeds(max(sp.calibration_samples, max(sp.recovery.calibration_samples)),
                                               source.input_names)
     _check_calibration(calibration, source.example_feed)
+    _preflight(evaluator, source, sp, say=say, verbose=verbose)
     return SearchContext(space=sp, source=source, units=units, evaluator=evaluator, target=tgt, study_dir=study_dir,
                          calibration=calibration, say=say, verbose=verbose)
+
+
+def _check_knobs(sp: SearchSpace) -> None:
+    """A space must have a knob with a value other than its neutral one (else every trial is the float model)."""
+    from autosearch.knobs import knob
+
+    where = sp.source or f"space {sp.name!r}"
+    if not sp.knobs:
+        raise ConfigError(f"search space {where} has no knobs: nothing to search; add a 'knobs:' section, "
+                          "e.g. knobs: {bits: [32, 8]} (see the presets: cnn, quant)")
+    values = {name: {*spec.choices, *(v for c in spec.by_unit.values() for v in c)} for name, spec in sp.knobs.items()}
+    if all(vals <= {knob(name).neutral} for name, vals in values.items()):
+        shown = ", ".join(f"{name}: {sorted(vals, key=str)}" for name, vals in values.items())
+        raise ConfigError(f"search space {where} has nothing to search: every knob only takes its neutral value ({shown}); "
+                          "add a choice that changes the model, e.g. knobs: {bits: [32, 8]}")
+
+
+def _preflight(evaluator: Evaluator, source: Any, sp: SearchSpace, *, say: Any, verbose: bool) -> None:
+    """The data checked against the float model before any study is opened: labels within its classes, and
+    whether one sample moves the score by more than the space allows (a warning)."""
+    check = getattr(evaluator, "validate", None)
+    if callable(check):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = 1
+        check(ort.InferenceSession(source.onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"]))
+    n = int(getattr(evaluator, "num_samples", 0) or 0)
+    metric = getattr(evaluator, "metric", None)
+    counts = metric == "accuracy" or metric in ("top1", "decision")  # scores that move in steps of 1/n
+    if counts and n and sp.max_accuracy_drop is not None and 1.0 / n > sp.max_accuracy_drop:
+        msg = (f"[autosearch] warning: {n} evaluation sample(s): one sample changes {evaluator.name} by {1.0 / n:.4f}, more "
+               f"than the allowed drop (constraints.max_accuracy_drop {sp.max_accuracy_drop:g}), so the floor cannot tell one "
+               f"wrong sample from none; use at least {int(np.ceil(1.0 / sp.max_accuracy_drop)) if sp.max_accuracy_drop > 0 else 'more'} "
+               "samples, or allow a larger drop")
+        if verbose:
+            say(msg)
+        else:
+            warnings.warn(msg[len("[autosearch] warning: "):], UserWarning, stacklevel=3)
 
 
 def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mapping[str, np.ndarray]) -> None:
     """Calibration samples shaped unlike the model's input would fail every quantized trial: say so now."""
     if not calibration:
         return
+    for k, feed in enumerate(calibration):
+        for name, arr in feed.items():
+            a = np.asarray(arr)
+            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                raise ConfigError(f"calibration sample {k} (input {name!r}) holds NaN or inf: clean the calibration data "
+                                  "or drop those samples before searching")
     for name, ref in example.items():
         got = calibration[0].get(name)
         if got is None:

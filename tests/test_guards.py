@@ -225,3 +225,143 @@ def test_cli_storage_error_is_one_line(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("autosearch: error: storage 'notaurl' is not a database URL") and out.stderr.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- 3. bad input, refused before any trial
+def _refused_fresh(call: Any, match: str, studies: Path) -> None:
+    with pytest.raises(ConfigError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)
+    assert not list(studies.rglob("*.db")) if studies.exists() else True
+
+
+def _nan_at(x: np.ndarray, i: int, value: float = np.nan) -> np.ndarray:
+    x = x.copy()
+    x[i, 3] = value
+    return x
+
+
+def test_nan_in_evaluation_inputs(base: dict[str, Any]) -> None:
+    _refused_fresh(lambda: LabelledEvaluator(_nan_at(base["x"], 7), base["y"]),
+                   r"evaluation inputs hold 1 NaN or inf value\(s\) \(first at sample 7\): clean them or drop those samples",
+                   base["dir"] / "none")
+
+
+def test_inf_in_calibration_samples(base: dict[str, Any]) -> None:
+    _refused_fresh(lambda: LabelledEvaluator(base["x"], base["y"], calibration=_nan_at(base["calib"], 2, np.inf)),
+                   r"calibration samples hold 1 NaN or inf value\(s\) \(first at sample 2\)", base["dir"] / "none")
+
+
+def test_nan_in_fidelity_feeds(base: dict[str, Any]) -> None:
+    feeds = [{"x": base["x"][i : i + 1]} for i in range(4)] + [{"x": np.full((1, 16), np.nan, np.float32)}]
+    _refused_fresh(lambda: FidelityEvaluator(feeds), r"evaluation inputs hold 16 NaN .*first at sample 4, input 'x'",
+                   base["dir"] / "none")
+
+
+def test_nan_in_a_scorers_own_calibration_feeds(base: dict[str, Any], tmp_path: Path) -> None:
+    class Mine:
+        name = "mine"
+
+        def __call__(self, session: Any, *, limit: int | None = None) -> float:
+            return 1.0
+
+        def calibration_feeds(self, n: int, input_names: Any) -> list[dict[str, np.ndarray]]:
+            return [{"x": base["calib"][:1]}, {"x": np.full((1, 16), np.nan, np.float32)}]
+
+    _refused_fresh(lambda: search(base["model"], Mine(), n_trials=1, **{**base["kw"], "studies_dir": tmp_path}),
+                   r"calibration sample 1 \(input 'x'\) holds NaN or inf: clean the calibration data", tmp_path)
+
+
+@pytest.mark.parametrize(("labels", "match"), [
+    (lambda y: y + 0.5, r"must be integer class indices; label 0\.5 \(sample 0; 128 in all\) is not: pass y\.astype\(int\)"),
+    (lambda y: np.eye(10)[y], r"one class index per sample \(shape \(N,\)\), got shape \[128, 10\]: pass y\.argmax\(1\)"),
+    (lambda y: y.astype(str), r"integer class indices, got dtype <U\d+: map them to indices"),
+    (lambda y: y - 20, r"class indices >= 0; label -\d+ \(sample 0; 128 in all\) is negative: remap them"),
+])
+def test_labels_for_accuracy_are_class_indices(labels: Any, match: str, base: dict[str, Any]) -> None:
+    _refused_fresh(lambda: LabelledEvaluator(base["x"], labels(base["y"])), match, base["dir"] / "none")
+
+
+def test_whole_number_float_labels_are_accepted(base: dict[str, Any]) -> None:
+    assert LabelledEvaluator(base["x"], base["y"].astype(np.float32)).num_samples == N
+
+
+def test_labels_outside_the_models_classes(base: dict[str, Any], tmp_path: Path) -> None:
+    y = base["y"].copy()
+    y[5] = 10  # the MLP has 10 outputs: classes 0..9
+    _refused_fresh(lambda: search(base["model"], LabelledEvaluator(base["x"], y), n_trials=1, **{**base["kw"], "studies_dir": tmp_path}),
+                   r"label 10 \(sample 5; 1 label\(s\) in all\) is outside the model's 10 classes .*classes 0\.\.9\): pass class "
+                   r"indices of this model's output", tmp_path)
+
+
+def test_too_few_samples_for_the_floor_warns(base: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    x, y = base["x"][:50], base["y"][:50]
+    space = {**SPACE, "constraints": {"max_accuracy_drop": 0.01}}
+    st = search(base["model"], LabelledEvaluator(x, y), n_trials=0,
+                **{**base["kw"], "space": space, "studies_dir": tmp_path, "verbose": True})
+    out = capsys.readouterr().out
+    assert ("warning: 50 evaluation sample(s): one sample changes accuracy by 0.0200, more than the allowed drop "
+            "(constraints.max_accuracy_drop 0.01)") in out and "use at least 100 samples, or allow a larger drop" in out
+    assert st.baseline["accuracy"] == 1.0  # a warning, not a refusal
+    with pytest.warns(UserWarning, match="one sample changes accuracy by 0.0200"):
+        search(base["model"], LabelledEvaluator(x, y), n_trials=0, **{**base["kw"], "space": space, "studies_dir": tmp_path})
+
+
+def test_an_empty_space_file(mlp_onnx: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    _refused_fresh(lambda: search(mlp_onnx, space=str(tmp_path / "empty.yaml"), studies_dir=tmp_path, n_trials=1, verbose=False),
+                   r"search space file .*empty\.yaml is empty: write at least a 'knobs:' section", tmp_path)
+
+
+@pytest.mark.parametrize(("space", "match"), [
+    ({"strategy": {"analysis": False}}, r"has no knobs: nothing to search; add a 'knobs:' section"),
+    ({"knobs": {"bits": [32], "prune": [0.0]}}, r"nothing to search: every knob only takes its neutral value \(bits: \[32\], prune: \[0\.0\]\)"),
+])
+def test_a_space_with_nothing_to_search(space: dict[str, Any], match: str, mlp_onnx: Path, tmp_path: Path) -> None:
+    _refused_fresh(lambda: search(mlp_onnx, space=space, studies_dir=tmp_path, n_trials=1, verbose=False), match, tmp_path)
+
+
+@pytest.mark.parametrize("n", [-1, 2.5, True])
+def test_n_trials_must_be_a_count(n: Any, base: dict[str, Any]) -> None:
+    before = snapshot(base["studies"], "base")
+    with pytest.raises(ConfigError, match=r"n_trials is .*: pass a whole number of trials >= 0 \(0 runs only the analysis\)"):
+        search(base["model"], LabelledEvaluator(base["x"], base["y"], calibration=base["calib"]), n_trials=n, **base["kw"])
+    assert snapshot(base["studies"], "base") == before
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_cli_n_trials_at_least_one(n: str, base: dict[str, Any], capsys: Any) -> None:
+    before = snapshot(base["studies"], "base")
+    assert main(["resume", "base", "--n-trials", n, "--studies-dir", str(base["studies"])]) == 2
+    err = capsys.readouterr().err
+    assert err == f"autosearch: error: --n-trials {n}: run at least 1 trial (leave --n-trials out for the space's budget)\n"
+    assert snapshot(base["studies"], "base") == before
+
+
+def _with_node(tmp: Path, name: str, nodes: list[onnx.NodeProto], opsets: list[Any] = ()) -> Path:  # type: ignore[assignment]
+    m = onnx.load(str(tiny_onnx(tmp / "plain.onnx")))
+    for n in m.graph.node:
+        if n.op_type == "Relu":
+            n.output[0] = "r"
+    for k, node in enumerate(nodes):
+        m.graph.node.insert(3 + k, node)
+    m.opset_import.extend(opsets)
+    onnx.save(m, str(tmp / name))
+    return tmp / name
+
+
+def test_an_op_onnx_runtime_has_no_kernel_for(tmp_path: Path) -> None:
+    model = _with_node(tmp_path, "erf.onnx", [helper.make_node("Cast", ["r"], ["rd"], name="c1", to=TensorProto.DOUBLE),
+                                             helper.make_node("Erf", ["rd"], ["ed"], name="erf_d"),
+                                             helper.make_node("Cast", ["ed"], ["h2"], name="c2", to=TensorProto.FLOAT)])
+    _refused_fresh(lambda: search(model, space=SPACE, studies_dir=tmp_path, n_trials=1, verbose=False),
+                   r"the model uses op Erf \(domain ai\.onnx, opset 13, node 'erf_d'\), which ONNX Runtime .* has no kernel "
+                   r"for with these input types: replace the op or cast its inputs", tmp_path)
+
+
+def test_a_custom_op_onnx_runtime_does_not_know(tmp_path: Path) -> None:
+    model = _with_node(tmp_path, "custom.onnx", [helper.make_node("Foo", ["r"], ["h2"], name="foo", domain="com.example")],
+                       [helper.make_opsetid("com.example", 1)])
+    _refused_fresh(lambda: search(model, space=SPACE, studies_dir=tmp_path, n_trials=1, verbose=False),
+                   r"the model uses op Foo of domain 'com\.example' \(node 'foo'\), which ONNX Runtime .* does not know "
+                   r"\(a custom op\): replace it with standard ONNX ops", tmp_path)
