@@ -157,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("study", help="study name")
     e.add_argument("--pick", default="knee", metavar="RULE", help="which trial (default: %(default)s); see below")
     e.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default: ./<study>-trial<N>)")
+    e.add_argument("--force", action="store_true", help="replace an earlier export in that folder (one holding a model.onnx)")
     _add_common(e)
 
     d = sub.add_parser(
@@ -314,7 +315,7 @@ def _cmd(args: argparse.Namespace) -> int:
         st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
         number = pick_trial(st, args.pick)
         out = args.out or f"{args.study}-trial{number}"
-        report = export_trial(st, args.pick, out)
+        report = export_trial(st, args.pick, out, force=args.force)
         print(report.table())
         print(f"wrote {', '.join(str(p) for p in report.files.values())}")
         return 0

@@ -236,6 +236,7 @@ class Study:
         evaluator: Evaluator | None = None,
         example_inputs: Any = None,
         target: Target | None = None,
+        force: bool = False,
     ) -> Any:
         """Export a trial picked by rule (number, ``fastest[:floor]``, ``smallest``, ``knee``) with a
         verification report that re-measures it against the original (see :func:`autosearch.export.export_trial`).
@@ -245,7 +246,7 @@ class Study:
         """
         from autosearch.export import export_trial
 
-        return export_trial(self, pick, out_dir, evaluator=evaluator, example_inputs=example_inputs, target=target)
+        return export_trial(self, pick, out_dir, evaluator=evaluator, example_inputs=example_inputs, target=target, force=force)
 
     def dashboard(self, path: str | Path) -> Path:
         """Write the self-contained HTML dashboard of this study (see :func:`autosearch.dashboard.write_dashboard`)."""

@@ -365,3 +365,32 @@ def test_a_custom_op_onnx_runtime_does_not_know(tmp_path: Path) -> None:
     _refused_fresh(lambda: search(model, space=SPACE, studies_dir=tmp_path, n_trials=1, verbose=False),
                    r"the model uses op Foo of domain 'com\.example' \(node 'foo'\), which ONNX Runtime .* does not know "
                    r"\(a custom op\): replace it with standard ONNX ops", tmp_path)
+
+
+# --------------------------------------------------------------------------- export
+def test_export_into_an_earlier_export_needs_force(base: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    st = Study.load("base", studies_dir=base["studies"])
+    out = tmp_path / "out"
+    export_trial(st, 0, out, target=_target(tmp_path), rounds=1)
+    stamp = (out / "model.onnx").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"export folder '.*out' already holds a model\.onnx: pass force=True \(CLI --force\)"):
+        export_trial(st, 0, out, target=_target(tmp_path), rounds=1)
+    assert (out / "model.onnx").stat().st_mtime_ns == stamp  # untouched
+    assert main(["export", "base", "--pick", "0", "-o", str(out), "--studies-dir", str(base["studies"])]) == 2
+    assert "already holds a model.onnx: pass force=True (CLI --force)" in capsys.readouterr().err
+    rep = export_trial(st, 0, out, target=_target(tmp_path), rounds=1, force=True)
+    assert rep.files["model"] == out / "model.onnx"
+
+
+def test_export_report_says_when_the_trial_is_below_the_floor(base: dict[str, Any], tmp_path: Path) -> None:
+    y = np.random.default_rng(9).integers(0, 10, N)  # random labels: the float model scores about 0.1
+    space = {**SPACE, "constraints": {"max_accuracy_drop": 0.02, "min_accuracy": 0.5}}
+    st = search(base["model"], LabelledEvaluator(base["x"], y, calibration=base["calib"]), n_trials=1,
+                **{**base["kw"], "space": space, "study_name": "low", "studies_dir": tmp_path})
+    rep = export_trial(st, 0, tmp_path / "low-out", target=_target(tmp_path), rounds=1)
+    data = json.loads((tmp_path / "low-out" / "report.json").read_text())
+    assert data["below_floor"] is True and data["accuracy_floor"] == 0.5
+    assert "BELOW THE STUDY'S ACCURACY FLOOR: trial 0 scored" in rep.table() and "under its floor 0.5000 (" in rep.table()
+    assert "min_accuracy 0.5" in rep.markdown()
+    ok = export_trial(Study.load("base", studies_dir=base["studies"]), 0, tmp_path / "ok", target=_target(tmp_path), rounds=1)
+    assert ok.to_dict()["below_floor"] is False and "BELOW" not in ok.table()
