@@ -166,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("study", help="study name")
     e.add_argument("--pick", default="knee", metavar="RULE", help="which trial (default: %(default)s); see below")
     e.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default: ./<study>-trial<N>)")
+    e.add_argument("--force", action="store_true", help="replace an earlier export in that folder (one holding a model.onnx)")
     _add_common(e)
 
     d = sub.add_parser(
@@ -277,7 +278,22 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
         print_front(st)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Arguments every command shares, checked before any model is loaded."""
+    n = getattr(args, "n_trials", None)
+    if n is not None and n < 1:
+        raise ConfigError(f"--n-trials {n}: run at least 1 trial (leave --n-trials out for the space's budget)")
+    if getattr(args, "study", None) is not None or getattr(args, "storage", None):
+        from autosearch.study import check_storage_url, check_study_name
+
+        if getattr(args, "study", None) is not None:
+            check_study_name(args.study)
+        if getattr(args, "storage", None):
+            check_storage_url(args.storage)
+
+
 def _cmd(args: argparse.Namespace) -> int:
+    _check_args(args)
     if args.command == "demo":
         spec = {"kind": "default", "space": args.space, "threads": args.threads}
         if _strategy(args):
@@ -373,7 +389,7 @@ def _cmd(args: argparse.Namespace) -> int:
         st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
         number = pick_trial(st, args.pick)
         out = args.out or f"{args.study}-trial{number}"
-        report = export_trial(st, args.pick, out)
+        report = export_trial(st, args.pick, out, force=args.force)
         print(report.table())
         print(f"wrote {', '.join(str(p) for p in report.files.values())}")
         return 0

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +24,7 @@ from autosearch.errors import CandidateError, ConfigError
 from autosearch.feeds import Inputs, Samples, batches_of, can_batch, session_ranks, stack_outputs
 from autosearch.metrics import Metric, per_output, resolve_metric
 
-__all__ = ["Evaluator", "FidelityEvaluator", "LabelledEvaluator", "default_evaluator", "run_batched"]
+__all__ = ["Evaluator", "FidelityEvaluator", "LabelledEvaluator", "default_evaluator", "evaluator_fingerprint", "run_batched"]
 
 
 @runtime_checkable
@@ -45,6 +46,68 @@ def _length(inputs: Inputs) -> int:
     if isinstance(inputs, np.ndarray):
         return len(inputs)
     return len(inputs) if inputs and isinstance(inputs[0], Mapping) else len(inputs[0])
+
+
+def _arrays(inputs: Any, where: str = "") -> list[tuple[str, np.ndarray]]:
+    """Every array of samples in any accepted form, with where it sits (``input 'x'``, ``sample 3, input 'x'``)."""
+    if isinstance(inputs, Samples):
+        inputs = inputs._feeds if inputs._feeds is not None else inputs._arrays
+    if hasattr(inputs, "detach"):  # a torch tensor
+        inputs = inputs.detach().cpu().numpy()
+    if isinstance(inputs, np.ndarray) or np.isscalar(inputs):
+        return [(where, np.asarray(inputs))]
+    if isinstance(inputs, Mapping):
+        return [a for k, v in inputs.items() for a in _arrays(v, f"{where}, input {k!r}" if where else f"input {k!r}")]
+    if isinstance(inputs, (list, tuple)):
+        feeds = bool(inputs) and isinstance(inputs[0], Mapping)
+        return [a for i, v in enumerate(inputs)
+                for a in _arrays(v, f"sample {i}" if feeds else (f"{where}, array {i}" if where else f"array {i}"))]
+    return [(where, np.asarray(inputs))]
+
+
+def _check_finite(inputs: Any, what: str) -> None:
+    """NaN or inf in samples makes every score meaningless (and quantization calibration fail): refuse it."""
+    for where, arr in _arrays(inputs):
+        if arr.dtype.kind not in "fc":
+            continue
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            first = int(np.argwhere(bad.reshape(len(arr), -1) if arr.ndim else bad.reshape(1, 1))[0][0])
+            at = where if "sample" in where or not arr.ndim else ", ".join(filter(None, [f"sample {first}", where]))
+            raise ConfigError(f"the {what} hold {int(bad.sum())} NaN or inf value(s) (first at {at or 'the scalar'}): clean "
+                              "them or drop those samples before searching (np.isfinite finds them)")
+
+
+def _metric_id(metric: Any) -> Any:
+    """What names a metric in a fingerprint: a built-in's name, a callable's module and name, per output."""
+    if isinstance(metric, str) or metric is None:
+        return metric
+    if isinstance(metric, Mapping):
+        return {str(k): _metric_id(v) for k, v in metric.items()}
+    return f"{getattr(metric, '__module__', '')}.{getattr(metric, '__qualname__', '')}:{getattr(metric, '__name__', type(metric).__name__)}"
+
+
+def _fingerprint(kind: str, metric: Any, *parts: Any) -> str:
+    """Hash of a scorer's kind, metric and data: every array's dtype, shape and bytes, in order."""
+    h = hashlib.sha256(repr((kind, _metric_id(metric))).encode())
+    for part in parts:
+        if part is None:
+            h.update(b"<none>")
+            continue
+        for where, arr in _arrays(part):
+            arr = np.ascontiguousarray(arr)
+            h.update(f"|{where}|{arr.dtype.str}|{arr.shape}|".encode())
+            h.update(repr(arr.tolist()).encode() if arr.dtype.hasobject else arr.view(np.uint8).reshape(-1).data)
+    return h.hexdigest()[:16]
+
+
+def evaluator_fingerprint(evaluator: Any) -> tuple[str, bool]:
+    """``(fingerprint, known)``: the evaluator's ``fingerprint()`` (a hash of its data and metric), or, for a
+    scorer without one, ``name:<its name>`` and ``known=False`` (a change of its data cannot be told)."""
+    fp = getattr(evaluator, "fingerprint", None)
+    if callable(fp):
+        return str(fp()), True
+    return f"name:{getattr(evaluator, 'name', type(evaluator).__name__)}", False
 
 
 def _check_shapes(session: Any, samples: Samples) -> None:
@@ -111,6 +174,9 @@ class _Scored:
     def __init__(self, inputs: Inputs, calibration: Inputs | None, batch_size: int) -> None:
         if isinstance(inputs, (list, tuple)) and not inputs:
             raise ConfigError("the evaluation data holds no sample")
+        _check_finite(inputs, "evaluation inputs")
+        if calibration is not None:
+            _check_finite(calibration, "calibration samples")
         self.inputs = inputs
         self.calibration = calibration if calibration is not None else inputs
         self.batch_size = batch_size
@@ -168,6 +234,8 @@ class LabelledEvaluator:
             raise ConfigError(f"{_length(inputs)} input samples but {len(labels)} labels: give one label per sample")
         if isinstance(metric, str) and metric != "accuracy":
             raise ConfigError(f"metric {metric!r} is not known; use 'accuracy' or pass a callable (outputs, labels) -> float")
+        if metric == "accuracy":
+            _check_class_labels(labels)
         self._data = _Scored(inputs, calibration, batch_size)
         self.inputs = inputs
         self.labels = labels
@@ -190,6 +258,52 @@ class LabelledEvaluator:
 
     def calibration_feeds(self, n: int, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
         return self._data.calibration_feeds(n, input_names)
+
+    def fingerprint(self) -> str:
+        """Hash of the metric, inputs, labels and calibration samples (a resumed study must match it)."""
+        calib = None if self.calibration is self.inputs else self.calibration
+        return _fingerprint("labelled", self.metric, self.inputs, self.labels, calib)
+
+    def validate(self, session: Any) -> None:
+        """Check the labels against the float model's output on the first batch (``accuracy`` only).
+
+        Raises:
+            ConfigError: a label outside the model's classes.
+        """
+        if self.metric != "accuracy":
+            return
+        n = min(self.num_samples, self.batch_size)
+        outs = self._data.run(session, n)
+        first = outs[0] if not isinstance(outs[0], list) else np.concatenate([np.asarray(o).reshape(1, -1) for o in outs[0]])
+        classes = int(np.asarray(first).size // n)
+        bad = np.flatnonzero(self.labels >= classes)
+        if bad.size:
+            raise ConfigError(
+                f"label {self.labels[bad[0]].item()!r} (sample {int(bad[0])}; {bad.size} label(s) in all) is outside the model's "
+                f"{classes} classes (its first output gives {classes} score(s) per sample, classes 0..{classes - 1}): "
+                "pass class indices of this model's output, or a metric callable for other labels"
+            )
+
+
+def _check_class_labels(labels: np.ndarray) -> None:
+    """Labels for ``accuracy`` are class indices: one integer >= 0 per sample."""
+    if labels.ndim != 1:
+        fix = "y.argmax(1) for one-hot labels" if labels.ndim == 2 and labels.shape[1] > 1 else "y.reshape(-1)"
+        raise ConfigError(f"labels for metric 'accuracy' must be one class index per sample (shape (N,)), got shape "
+                          f"{list(labels.shape)}: pass {fix}")
+    if labels.dtype.kind not in "biuf":
+        raise ConfigError(f"labels for metric 'accuracy' must be integer class indices, got dtype {labels.dtype}: map them "
+                          "to indices, e.g. np.unique(y, return_inverse=True)[1]")
+    if labels.dtype.kind == "f":
+        frac = np.flatnonzero(~np.isfinite(labels) | (np.mod(np.nan_to_num(labels), 1) != 0))
+        if frac.size:
+            raise ConfigError(f"labels for metric 'accuracy' must be integer class indices; label {labels[frac[0]].item()!r} "
+                              f"(sample {int(frac[0])}; {frac.size} in all) is not: pass y.astype(int) class indices "
+                              "(or a metric callable for continuous targets)")
+    neg = np.flatnonzero(labels < 0)
+    if neg.size:
+        raise ConfigError(f"labels for metric 'accuracy' must be class indices >= 0; label {labels[neg[0]].item()!r} "
+                          f"(sample {int(neg[0])}; {neg.size} in all) is negative: remap them to 0..C-1")
 
 
 class FidelityEvaluator:
@@ -226,6 +340,7 @@ class FidelityEvaluator:
         self.inputs = inputs
         self.metric = metric
         self.reference = None if reference is None else list(reference)
+        self._given_reference = self.reference
         self._ref_session: Any = None
         self._ref_limited: dict[int, list[Any]] = {}
         self.calibration = self._data.calibration
@@ -269,6 +384,11 @@ class FidelityEvaluator:
 
     def calibration_feeds(self, n: int, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
         return self._data.calibration_feeds(n, input_names)
+
+    def fingerprint(self) -> str:
+        """Hash of the metric, inputs, calibration samples and given reference outputs (a resumed study must match it)."""
+        calib = None if self.calibration is self.inputs else self.calibration
+        return _fingerprint("fidelity", self.metric, self.inputs, calib, self._given_reference)
 
 
 def default_evaluator(model: Any, *, n: int = 64) -> FidelityEvaluator:

@@ -442,6 +442,27 @@ def _rebuild_problem(study: Any, base_path: Path | None, notes: list[str]) -> tu
     return evaluator, example
 
 
+def _accuracy_floor(meta: Mapping[str, Any], base: Any) -> float | None:
+    """The study's accuracy floor: the float model's score less ``max_accuracy_drop``, and ``min_accuracy``."""
+    cons = (meta.get("space") or {}).get("constraints") or {}
+    floors = []
+    if cons.get("max_accuracy_drop") is not None and base is not None:
+        floors.append(float(base) - float(cons["max_accuracy_drop"]))
+    if cons.get("min_accuracy") is not None:
+        floors.append(float(cons["min_accuracy"]))
+    return max(floors) if floors else None
+
+
+def _floor_rule(meta: Mapping[str, Any], base: Any) -> str:
+    cons = (meta.get("space") or {}).get("constraints") or {}
+    parts = []
+    if cons.get("max_accuracy_drop") is not None and base is not None:
+        parts.append(f"max_accuracy_drop {float(cons['max_accuracy_drop']):g} from the float model's {float(base):.4f}")
+    if cons.get("min_accuracy") is not None:
+        parts.append(f"min_accuracy {float(cons['min_accuracy']):g}")
+    return ", ".join(parts)
+
+
 def _target_of(study: Any) -> Any:
     from autosearch.remote import target_from_identity
 
@@ -471,6 +492,7 @@ def export_trial(
     latency_tolerance: float = 0.15,
     accuracy_tolerance: float = 0.005,
     rounds: int = 5,
+    force: bool = False,
 ) -> ExportReport:
     """Export a trial's model and verify it against the study in one fresh run.
 
@@ -491,12 +513,13 @@ def export_trial(
         latency_tolerance: Relative latency (or speedup) difference counted as noise.
         accuracy_tolerance: Absolute accuracy difference counted as agreement.
         rounds: Interleaved timing rounds of the exported and the original model.
+        force: Replace an earlier export: a folder that already holds a ``model.onnx`` is refused without it.
 
     Returns:
         The :class:`ExportReport` (``print(report)`` shows its table).
 
     Raises:
-        ConfigError: a bad rule or trial, a missing ONNX file, bad options.
+        ConfigError: a bad rule or trial, a missing ONNX file, bad options, a folder holding an export (without ``force``).
 
     Example:
         >>> report = export_trial(study, "fastest:0.98", "out/fast", evaluator=ev)  # doctest: +SKIP
@@ -521,6 +544,9 @@ def export_trial(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export folder {str(out)!r} is a file: pass a folder path with -o / out_dir")
+    if (out / "model.onnx").exists() and not force:
+        raise ConfigError(f"export folder {str(out)!r} already holds a model.onnx: pass force=True (CLI --force) to "
+                          "replace it, or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     files: dict[str, Path] = {"model": _copy_onnx(src, out)}
@@ -545,6 +571,8 @@ def export_trial(
         "baseline_latency_ms": ua.get("baseline_latency_ms", baseline.get("latency_ms")),
         "baseline_accuracy": baseline.get("accuracy"),
     }
+    floor = _accuracy_floor(meta, baseline.get("accuracy"))
+    study_figures["accuracy_floor"] = floor
     remeasured = (study.optuna_study.user_attrs.get("front_remeasured") or {}).get("trials", {}).get(str(number))
     if remeasured:
         study_figures["remeasured_ms"] = remeasured.get("latency_ms")
@@ -686,6 +714,11 @@ def export_trial(
     if lat_ok is False:
         diffs.append("; ".join(f"{text} ({100 * measured[key]:+.0f}%)" for key, text, _, _ in pairs_cmp)
                      + f" (tolerance {100 * latency_tolerance:.0f}%)")
+    below_floor = floor is not None and study_figures["accuracy"] is not None and float(study_figures["accuracy"]) < floor
+    if below_floor:
+        notes.insert(0, f"BELOW THE STUDY'S ACCURACY FLOOR: trial {number} scored {float(study_figures['accuracy']):.4f} in the "
+                     f"study, under its floor {floor:.4f} ({_floor_rule(meta, baseline.get('accuracy'))}): it does not meet "
+                     "the study's constraint; pick a feasible trial (e.g. --pick fastest) to meet it")
     cores = os.cpu_count() or 1
     if exp_lat.load_avg > cores:
         notes.append(f"the machine was busy while measuring (1-minute load average {exp_lat.load_avg:.1f} on {cores} cores): "
@@ -705,6 +738,8 @@ def export_trial(
         "summary": ua.get("summary", ""),
         "config": _jsonable(cfg),
         "checks": checks,
+        "accuracy_floor": floor,
+        "below_floor": below_floor,
         "tolerances": {"accuracy": accuracy_tolerance, "latency": latency_tolerance},
         "rounds": rounds,
         "latency_on": feed_note,

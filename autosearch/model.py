@@ -519,7 +519,7 @@ def _batchable(src: SourceModel) -> bool:
     try:
         sess = ort.InferenceSession(src.onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT's load errors (Fail, InvalidGraph, ...): a ConfigError with the message
-        raise ConfigError(f"ONNX Runtime cannot load the model: {str(exc)[:500]}") from None
+        raise ConfigError(ort_load_error(exc, src.onnx_model)) from None
     try:
         sess.run(None, src.example_feed)
     except Exception as exc:  # noqa: BLE001 - ORT's run errors: a ConfigError naming the example input
@@ -528,6 +528,34 @@ def _batchable(src: SourceModel) -> bool:
             f"{str(exc)[:400]}; pass example_inputs (a dict by input name) the model runs on"
         ) from None
     return can_batch(sess, [src.example_feed])
+
+
+def ort_load_error(exc: BaseException, model: onnx.ModelProto) -> str:
+    """ONNX Runtime's refusal of a model as one line; an op it cannot run is named with its domain and node."""
+    import re
+
+    import onnxruntime as ort
+
+    text = " ".join(str(exc).split())
+    where = f"ONNX Runtime {ort.__version__} (CPUExecutionProvider)"
+    m = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", text)
+    if m:
+        op, version, node = m.groups()
+        dom = next((n.domain for n in model.graph.node if n.name == node), "") or "ai.onnx"
+        return (f"the model uses op {op} (domain {dom}, opset {version}, node {node!r}), which {where} has no kernel for "
+                "with these input types: replace the op or cast its inputs to a type ONNX Runtime implements it for "
+                "(float32 usually), or export the model at another opset")
+    m = re.search(r"(?:Fatal error: )?([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op", text)
+    if m:
+        dom, op, _ = m.groups()
+        node = next((n.name for n in model.graph.node if n.op_type == op and (n.domain or "ai.onnx") == (dom or "ai.onnx")), "")
+        return (f"the model uses op {op} of domain {dom or 'ai.onnx'!r}" + (f" (node {node!r})" if node else "")
+                + f", which {where} does not know (a custom op): replace it with standard ONNX ops before searching")
+    m = re.search(r"No opset import for domain '([^']*)'", text)
+    if m:
+        return (f"the model uses domain {m.group(1)!r} without an opset import for it, so {where} cannot load it: "
+                "add the domain to the model's opset_import or replace its ops")
+    return f"ONNX Runtime cannot load the model: {text[:500]}"
 
 
 def _as_tuple_np(x: Any) -> tuple[Any, ...]:

@@ -330,4 +330,7 @@ def load_space(space: str | Path | Mapping[str, Any] | SearchSpace | None = None
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return SearchSpace.from_dict(data or {}, source=str(path))
+    if data is None:
+        raise ConfigError(f"search space file {path} is empty: write at least a 'knobs:' section, e.g. knobs: {{bits: [32, 8]}} "
+                          "(the presets cnn and quant are complete examples)")
+    return SearchSpace.from_dict(data, source=str(path))

@@ -20,7 +20,7 @@ import numpy as np
 from autosearch.build import build_candidate
 from autosearch.candidate import Candidate
 from autosearch.errors import CandidateError
-from autosearch.evaluate import Evaluator
+from autosearch.evaluate import Evaluator, evaluator_fingerprint
 from autosearch.model import SourceModel
 from autosearch.target import Target
 
@@ -39,6 +39,8 @@ class CandidateStore:
         evaluator: Scores a session.
         target: Times a session.
         base_latency_ms: The float model's latency (a candidate's ``speedup`` divides it).
+        evaluator_fingerprint: The evaluator's data and metric (default: computed from ``evaluator``); part of
+            each folder's key, so a record scored on other data is never taken for this one's.
     """
 
     root: Path
@@ -49,9 +51,14 @@ class CandidateStore:
     target: Target
     base_latency_ms: float
     also: Mapping[str, Any] = field(default_factory=dict)  # label -> (target, float latency on it)
+    evaluator_fingerprint: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.evaluator_fingerprint:
+            self.evaluator_fingerprint = evaluator_fingerprint(self.evaluator)[0]
 
     def folder(self, cand: Candidate) -> Path:
-        return self.root / "candidates" / cand.key(self.source.fingerprint)
+        return self.root / "candidates" / cand.key(self.source.fingerprint + self.evaluator_fingerprint)
 
     def model_path(self, cand: Candidate) -> Path:
         return self.folder(cand) / "model.onnx"

@@ -22,7 +22,7 @@ import optuna
 
 from autosearch.candidate import Candidate
 from autosearch.errors import CandidateError, ConfigError, StudyMismatchError
-from autosearch.evaluate import Evaluator, default_evaluator
+from autosearch.evaluate import Evaluator, default_evaluator, evaluator_fingerprint
 from autosearch.model import import_model
 from autosearch.space import OBJECTIVES, SearchSpace, load_space
 from autosearch.steps import SearchContext, quiet_optuna
@@ -34,7 +34,7 @@ from autosearch.steps.warm_start import apply_narrowing, queue_warm_start
 from autosearch.store import CandidateStore
 from autosearch.target import Target, same_target, target_label
 
-__all__ = ["Study", "default_storage", "remeasure_front", "search"]
+__all__ = ["Study", "check_storage_url", "check_study_name", "default_storage", "remeasure_front", "search"]
 
 _ATTR = "autosearch"
 
@@ -46,10 +46,74 @@ def default_storage(study_name: str, studies_dir: str | Path = "studies") -> str
     return f"sqlite:///{d / f'{study_name}.db'}"
 
 
+def check_study_name(name: Any) -> str:
+    """A study name is a plain name (it names ``<studies>/<name>.db`` and ``<studies>/<name>/``).
+
+    Raises:
+        ConfigError: empty, not a string, a path separator, ``..`` or a leading dot.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"study name {name!r} is empty: give a plain name such as 'mynet-int8'")
+    bad = next((c for c in ("/", "\\", os.sep, "\0") if c in name), None) or (".." if ".." in name else None)
+    if bad is not None or name.startswith(".") or name != name.strip():
+        what = (f"holds {bad!r}" if bad is not None else "starts with a dot" if name.startswith(".")
+                else "starts or ends with a space")
+        raise ConfigError(f"study name {name!r} {what}: a study name is a plain name (no path separators, no '..', "
+                          "no leading dot), e.g. 'mynet-int8'; use --studies-dir / studies_dir= to choose the folder")
+    return name
+
+
+_DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "mysqldb": "mysqlclient", "pymysql": "pymysql",
+            "asyncpg": "asyncpg", "pg8000": "pg8000", "mysqlconnector": "mysql-connector-python"}
+
+
+def check_storage_url(url: Any) -> Any:
+    """Parse an Optuna storage URL (SQLAlchemy's form), with one-line errors that say the fix.
+
+    Raises:
+        ConfigError: not a URL, an unknown database, its driver not installed, a SQLite file in a missing folder.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    example = "sqlite:///studies/mine.db or postgresql+psycopg://user:password@host/dbname"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError) as exc:
+        raise ConfigError(f"storage {url!r} is not a database URL ({exc}): write it as {example}") from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        dialect = parsed.get_dialect()
+    except ArgumentError:
+        raise ConfigError(f"storage {shown!r}: unknown database {parsed.drivername!r}; use sqlite:///... or "
+                          "postgresql+psycopg://... (or another SQLAlchemy database URL)") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        driver = parsed.get_driver_name()
+        pkg = _DRIVERS.get(driver, driver)
+        raise ConfigError(f"storage {shown!r} needs the Python driver {driver!r} for {parsed.get_backend_name()}, which is "
+                          f"not installed ({exc}): pip install {pkg}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).parent
+        if not folder.is_dir():
+            raise ConfigError(f"storage {shown!r}: the folder {str(folder)!r} of the SQLite file does not exist: "
+                              "create it, or leave --storage out (the default is sqlite:///<studies-dir>/<study>.db)")
+    return parsed
+
+
 def _storage(url: str) -> optuna.storages.BaseStorage:
-    if url.startswith("sqlite:"):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    parsed = check_storage_url(url)
+    try:
+        if url.startswith("sqlite:"):
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.RDBStorage(url)
+    except SQLAlchemyError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot open the study storage {parsed.render_as_string(hide_password=True)!r} ({first[:300]}): "
+                          "check the URL, that the database server runs and the credentials") from None
 
 
 def _make_sampler(name: str, seed: int, population_size: int) -> optuna.samplers.BaseSampler:
@@ -81,6 +145,9 @@ class Study:
         Raises:
             ConfigError: no study of that name in that storage.
         """
+        check_study_name(study_name)
+        if storage is not None:
+            check_storage_url(storage)
         url = storage or default_storage(study_name, studies_dir)
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
             raise ConfigError(f"no study database at {url[len('sqlite:///'):]}: check the study name or pass --storage")
@@ -189,6 +256,7 @@ class Study:
         evaluator: Evaluator | None = None,
         example_inputs: Any = None,
         target: Target | None = None,
+        force: bool = False,
     ) -> Any:
         """Export a trial picked by rule (number, ``fastest[:floor]``, ``smallest``, ``knee``) with a
         verification report that re-measures it against the original (see :func:`autosearch.export.export_trial`).
@@ -198,7 +266,7 @@ class Study:
         """
         from autosearch.export import export_trial
 
-        return export_trial(self, pick, out_dir, evaluator=evaluator, example_inputs=example_inputs, target=target)
+        return export_trial(self, pick, out_dir, evaluator=evaluator, example_inputs=example_inputs, target=target, force=force)
 
     def dashboard(self, path: str | Path) -> Path:
         """Write the self-contained HTML dashboard of this study (see :func:`autosearch.dashboard.write_dashboard`)."""
@@ -271,6 +339,10 @@ def search(
         ...                study_name="mine", n_trials=10)          # doctest: +SKIP
         >>> study.front()                                            # doctest: +SKIP
     """
+    check_study_name(study_name)
+    _check_n_trials(n_trials)
+    if storage is not None:
+        check_storage_url(storage)
     say = _print_row if verbose else _silent
     ctx = _context(model, evaluator, example_inputs=example_inputs, space=space, target=target, say=say,
                    verbose=verbose, study_dir=Path(studies_dir) / study_name)
@@ -316,6 +388,14 @@ def search(
     return study
 
 
+def _check_n_trials(n_trials: Any) -> None:
+    if n_trials is None:
+        return
+    if isinstance(n_trials, bool) or not isinstance(n_trials, (int, np.integer)) or n_trials < 0:
+        raise ConfigError(f"n_trials is {n_trials!r}: pass a whole number of trials >= 0 (0 runs only the analysis), "
+                          "or None for the space's budget")
+
+
 def _print_row(msg: str) -> None:
     print(msg, flush=True)
 
@@ -328,6 +408,7 @@ def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, sp
              say: Any, verbose: bool, study_dir: Path) -> SearchContext:
     """Load and check everything a search needs before any work starts (a ConfigError names what is wrong)."""
     sp = load_space(space)
+    _check_knobs(sp)
     study_dir.parent.mkdir(parents=True, exist_ok=True)
     targets = list(target) if isinstance(target, (list, tuple)) else [target or Target(lock_path=str(study_dir.parent / ".profile.lock"))]
     if not targets:
@@ -347,6 +428,9 @@ def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, sp
     if not isinstance(evaluator, Evaluator):
         raise ConfigError("evaluator must be callable as evaluator(session, limit=None) -> float with calibration_feeds(); "
                           "use LabelledEvaluator or FidelityEvaluator")
+    if not evaluator_fingerprint(evaluator)[1]:
+        say(f"[autosearch] note: evaluator {evaluator.name!r} has no fingerprint(), so a resumed study cannot tell whether "
+            "its data changed (its name stands in); give it a fingerprint() returning a hash of its data and metric")
     for n in source.notes:
         say(f"[autosearch] import: {n}")
     units, notes = discover_units(source, sp)
@@ -357,14 +441,61 @@ def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, sp
     calibration = evaluator.calibration_feeds(max(sp.calibration_samples, max(sp.recovery.calibration_samples)),
                                               source.input_names)
     _check_calibration(calibration, source.example_feed)
+    _preflight(evaluator, source, sp, say=say, verbose=verbose)
     return SearchContext(space=sp, source=source, units=units, evaluator=evaluator, target=tgt, study_dir=study_dir,
                          calibration=calibration, say=say, verbose=verbose, also=also)
+
+
+def _check_knobs(sp: SearchSpace) -> None:
+    """A space must have a knob with a value other than its neutral one (else every trial is the float model)."""
+    from autosearch.knobs import knob
+
+    where = sp.source or f"space {sp.name!r}"
+    if not sp.knobs:
+        raise ConfigError(f"search space {where} has no knobs: nothing to search; add a 'knobs:' section, "
+                          "e.g. knobs: {bits: [32, 8]} (see the presets: cnn, quant)")
+    values = {name: {*spec.choices, *(v for c in spec.by_unit.values() for v in c)} for name, spec in sp.knobs.items()}
+    if all(vals <= {knob(name).neutral} for name, vals in values.items()):
+        shown = ", ".join(f"{name}: {sorted(vals, key=str)}" for name, vals in values.items())
+        raise ConfigError(f"search space {where} has nothing to search: every knob only takes its neutral value ({shown}); "
+                          "add a choice that changes the model, e.g. knobs: {bits: [32, 8]}")
+
+
+def _preflight(evaluator: Evaluator, source: Any, sp: SearchSpace, *, say: Any, verbose: bool) -> None:
+    """The data checked against the float model before any study is opened: labels within its classes, and
+    whether one sample moves the score by more than the space allows (a warning)."""
+    check = getattr(evaluator, "validate", None)
+    if callable(check):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = 1
+        check(ort.InferenceSession(source.onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"]))
+    n = int(getattr(evaluator, "num_samples", 0) or 0)
+    metric = getattr(evaluator, "metric", None)
+    counts = metric == "accuracy" or metric in ("top1", "decision")  # scores that move in steps of 1/n
+    if counts and n and sp.max_accuracy_drop is not None and 1.0 / n > sp.max_accuracy_drop:
+        msg = (f"[autosearch] warning: {n} evaluation sample(s): one sample changes {evaluator.name} by {1.0 / n:.4f}, more "
+               f"than the allowed drop (constraints.max_accuracy_drop {sp.max_accuracy_drop:g}), so the floor cannot tell one "
+               f"wrong sample from none; use at least {int(np.ceil(1.0 / sp.max_accuracy_drop)) if sp.max_accuracy_drop > 0 else 'more'} "
+               "samples, or allow a larger drop")
+        if verbose:
+            say(msg)
+        else:
+            warnings.warn(msg[len("[autosearch] warning: "):], UserWarning, stacklevel=3)
 
 
 def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mapping[str, np.ndarray]) -> None:
     """Calibration samples shaped unlike the model's input would fail every quantized trial: say so now."""
     if not calibration:
         return
+    for k, feed in enumerate(calibration):
+        for name, arr in feed.items():
+            a = np.asarray(arr)
+            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                raise ConfigError(f"calibration sample {k} (input {name!r}) holds NaN or inf: clean the calibration data "
+                                  "or drop those samples before searching")
     for name, ref in example.items():
         got = calibration[0].get(name)
         if got is None:
@@ -387,6 +518,7 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
                                                                "also": {lbl: t.identity() for lbl, t in ctx.also.items()}},
         "objectives": list(sp.objectives),
         "evaluator": ctx.evaluator.name,
+        "evaluator_fingerprint": evaluator_fingerprint(ctx.evaluator)[0],
         "space": sp.to_dict(),
         "sampler": {"name": sp.sampler, "seed": sp.seed, "population_size": sp.population_size},
         "units": {k: list(v) for k, v in ctx.units.items()},
@@ -401,6 +533,10 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
             if old:
                 _check_same(old, meta, study_name, url)
                 meta["sampler"] = old["sampler"]
+                if "evaluator_fingerprint" not in old:  # made before fingerprints were recorded: record it now
+                    ctx.say("[autosearch] note: this study did not record its evaluator's data, so it cannot be checked; "
+                            "recorded now (its cached candidates are measured again)")
+                    existing.set_user_attr(_ATTR, {**old, "evaluator_fingerprint": meta["evaluator_fingerprint"]})
         n_before = len(existing.trials) if existing is not None else 0
         # trials queued by the warm start but not run yet (e.g. after `analyze --sensitivity`) are not done
         n_done = sum(t.state != optuna.trial.TrialState.WAITING for t in existing.trials) if existing is not None else 0
@@ -437,6 +573,8 @@ def _check_same(old: Mapping[str, Any], new: Mapping[str, Any], name: str, url: 
         ("target", "a different target", ("use the same provider, thread count and device, or a new study name "
                                           "(a front timed on another device is another front)")),
         ("objectives", "different objectives", "keep the objectives, or use a new study name"),
+        ("evaluator_fingerprint", "different evaluation data or metric (inputs, labels, calibration samples or metric)",
+         "use the same data, or a new study name"),
     )
     for key, what, fix in checks:
         if key == "target" and isinstance(old.get(key), Mapping) and isinstance(new.get(key), Mapping):
@@ -446,6 +584,8 @@ def _check_same(old: Mapping[str, Any], new: Mapping[str, Any], name: str, url: 
                     f"study {name!r} in {url} was timed on a different target ({key}.{diff}: "
                     f"{_at(old[key], diff)!r}, now {_at(new[key], diff)!r}); {fix}")
             continue
+        if key == "evaluator_fingerprint" and key not in old:
+            continue  # a study made before the fingerprint was recorded
         if old.get(key) != new.get(key):
             raise StudyMismatchError(
                 f"study {name!r} in {url} was created with {what} ({key}: {old.get(key)!r}, now {new.get(key)!r}); {fix}"
