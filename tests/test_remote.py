@@ -35,7 +35,8 @@ def _free_port() -> int:
 
 
 def _start(tmp: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = int(extra[extra.index("--port") + 1]) if "--port" in extra else _free_port()
+    extra = tuple(e for i, e in enumerate(extra) if e != "--port" and (i == 0 or extra[i - 1] != "--port"))
     env = {**os.environ, "AUTOSEARCH_PROFILER_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "autosearch", "serve-profiler", "--port", str(port), *extra],
                             env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -69,6 +70,9 @@ def test_profiles_with_the_local_protocol_and_describes_the_device(server: str, 
     assert isinstance(desc["device"]["cpu_flags"], list) and "CPUExecutionProvider" in desc["device"]["providers"]
     stats = target.profile(model, FEED)
     assert isinstance(stats, LatencyStats) and stats.runs >= FAST["min_runs"] and 0 < stats.p10_ms <= stats.median_ms
+    local = Target(**FAST).profile(model, FEED)
+    assert set(stats.as_dict()) == set(local.as_dict())  # the same statistics (the figures: benchmarks/remote.py)
+    assert (stats.provider, stats.threads, stats.ort_version, stats.cpu) == (local.provider, local.threads, local.ort_version, local.cpu)
     both = target.interleaved([("a", model), ("b", tiny_onnx(tmp_path / "b.onnx", seed=3))], FEED, rounds=2)
     assert set(both) == {"a", "b"} and all(s.runs >= 2 * 10 for s in both.values())
     nodes = target.node_times(model, FEED, runs=5)
@@ -102,6 +106,10 @@ def test_bad_uploads_get_a_json_reason(server: str, tmp_path: Path) -> None:
         RemoteTarget(server, token=TOKEN, **FAST).profile(ext, FEED)
     r = httpx.post(server + "/profile", content=b"not an npz", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 400 and "npz" in r.json()["error"]
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage, not a protobuf" * 10)
+    with pytest.raises(CandidateError, match="400.*not an ONNX model"):
+        RemoteTarget(server, token=TOKEN, **FAST).profile(junk, FEED)
 
 
 def test_one_measurement_at_a_time_with_a_bounded_wait(server: str, tmp_path: Path) -> None:
@@ -138,6 +146,16 @@ def test_search_times_on_the_profiler_and_records_the_device(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="did not answer"):
         search(str(model), target=remote, n_trials=1, **kw)
     assert len(Study.load("r", studies_dir=tmp_path / "s").optuna_study.trials) == 3
+    # restarted on the same port: the study resumes and keeps every trial
+    proc, url2 = _start(tmp_path, "--port", url.rsplit(":", 1)[1])
+    try:
+        assert url2 == url
+        again = search(str(model), target=remote, n_trials=2, **kw)
+        states = [t.state.name for t in again.optuna_study.trials]
+        assert len(states) == 5 and states.count("COMPLETE") == 5
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def test_serve_profiler_help_teaches() -> None:
