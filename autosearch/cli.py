@@ -430,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"autosearch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nautosearch: interrupted; finished trials are saved, resume with `autosearch resume <study>`", file=sys.stderr)
+        study = getattr(args, "study", None) or "<study>"
+        print(f"\nautosearch: interrupted; finished trials are saved, resume with `autosearch resume {study}`", file=sys.stderr)
         return 130
 
 

@@ -58,7 +58,8 @@ class CandidateStore:
             self.evaluator_fingerprint = evaluator_fingerprint(self.evaluator)[0]
 
     def folder(self, cand: Candidate) -> Path:
-        return self.root / "candidates" / cand.key(self.source.fingerprint + self.evaluator_fingerprint)
+        """Absolute: trials record this path, and a study is read from any working directory."""
+        return self.root.resolve() / "candidates" / cand.key(self.source.fingerprint + self.evaluator_fingerprint)
 
     def model_path(self, cand: Candidate) -> Path:
         return self.folder(cand) / "model.onnx"

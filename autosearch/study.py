@@ -378,7 +378,7 @@ def search(
             n_trials=budget,
             timeout=timeout if timeout is not None else sp.timeout_s,
             catch=(CandidateError,),
-            callbacks=[Progress(ctx, n_done + budget)],
+            callbacks=[Progress(ctx, n_done + budget, n_done)],
             gc_after_trial=False,
         )
     study = Study(ost, studies_dir=studies_dir)

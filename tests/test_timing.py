@@ -151,3 +151,44 @@ def test_cli_also_target_and_front_per_target(tmp_path: Path) -> None:
     assert out.returncode == 2 and "was not timed on 'cpu-4t'; its targets: cpu-2t" in out.stderr
     out = cli("search", "--model", "m.onnx", "--study", "u", "--also-target", "thread=2")
     assert out.returncode == 2 and "'thread=2' is not threads=N, provider=NAME or profiler=URL" in out.stderr
+
+
+def test_progress_counts_this_runs_trials_after_the_earlier_ones(tmp_path: Path, capsys) -> None:
+    model = tiny_onnx(tmp_path / "m.onnx")
+    space = {"knobs": {"bits": [32, 8]}, "quantization": {"mode": ["dynamic"], "per_channel": [True, False]},
+             "strategy": {"analysis": False, "remeasure_front": False}, "sampler": {"name": "random"}}
+    kw = {"space": space, "target": Target(threads=1, **FAST), "study_name": "p", "studies_dir": tmp_path / "s"}
+    search(str(model), n_trials=3, **kw)
+    capsys.readouterr()
+    search(str(model), n_trials=2, **kw)
+    heads = [line.split("]")[0] + "]" for line in capsys.readouterr().out.splitlines() if line.startswith("[ ")]
+    assert heads == ["[  4/5]", "[  5/5]"]
+
+
+def test_ctrl_c_leaves_a_failed_trial_with_its_reason_and_names_the_study(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tiny_onnx(tmp_path / "m.onnx", hidden=6000)
+    proc = subprocess.Popen([sys.executable, "-m", "autosearch", "search", "--model", "m.onnx", "--study", "sig",
+                             "--n-trials", "30", "--no-analysis"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"sqlite:///{tmp_path / 'studies' / 'sig.db'}"
+    running = None
+    deadline = time.time() + 120
+    while running is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            st = optuna.load_study(study_name="sig", storage=url)
+        except Exception:  # noqa: BLE001 - not created yet
+            continue
+        running = next((t.number for t in st.get_trials(deepcopy=False) if t.state.name == "RUNNING" and t.number >= 1), None)
+    assert running is not None, "no trial was seen running"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "resume with `autosearch resume sig`" in err
+    t = optuna.load_study(study_name="sig", storage=url).trials[running]
+    assert t.state.name == "FAIL" and "interrupted (Ctrl-C)" in t.user_attrs["fail_reason"]
+    assert Path(t.user_attrs["onnx_path"]).is_absolute()

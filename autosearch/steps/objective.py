@@ -73,6 +73,13 @@ class Objective:
     clock: FloatClock | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C) while this candidate was built or measured")
+            raise
+
+    def _run(self, trial: optuna.Trial) -> tuple[float, ...]:
         ctx = self.ctx
         cand = sample_candidate(trial, ctx.space, ctx.units)
         trial.set_user_attr("candidate", cand.to_dict())
@@ -83,6 +90,7 @@ class Objective:
         except CandidateError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise
+
         base_ms = self.baseline.latency_ms
         if self.clock is not None and rec.get("latency_ms") == rec.get("latency_ms"):  # not NaN (early stopped)
             if not rec.get("cached"):
@@ -105,14 +113,17 @@ class Objective:
 
 @dataclass
 class Progress:
-    """Optuna callback: one line per finished trial, ``[k/total]``."""
+    """Optuna callback: one line per finished trial, ``[k/total]`` counting this run's trials after the
+    ``done`` ones before it (trial numbers also count queued and failed trials, so they are not the count)."""
 
     ctx: SearchContext
     total: int
+    done: int = 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         ua, say = trial.user_attrs, self.ctx.say
-        head = f"[{trial.number + 1:>3}/{self.total}] trial {trial.number:<3}"
+        self.done += 1
+        head = f"[{self.done:>3}/{max(self.total, self.done)}] trial {trial.number:<3}"
         if trial.state == optuna.trial.TrialState.COMPLETE:
             flag = "" if ua.get("feasible", True) else "  (below floor)"
             say(
