@@ -167,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--pick", default="knee", metavar="RULE", help="which trial (default: %(default)s); see below")
     e.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default: ./<study>-trial<N>)")
     e.add_argument("--force", action="store_true", help="replace an earlier export in that folder (one holding a model.onnx)")
+    e.add_argument("--latency-tolerance", type=float, default=None, metavar="FRACTION",
+                   help="how far the re-measured latency or speedup may be from the study's and still agree "
+                   "(default: 0.15); raise it on a busy machine")
     _add_common(e)
 
     d = sub.add_parser(
@@ -389,7 +392,8 @@ def _cmd(args: argparse.Namespace) -> int:
         st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
         number = pick_trial(st, args.pick)
         out = args.out or f"{args.study}-trial{number}"
-        report = export_trial(st, args.pick, out, force=args.force)
+        extra = {} if args.latency_tolerance is None else {"latency_tolerance": args.latency_tolerance}
+        report = export_trial(st, args.pick, out, force=args.force, **extra)
         print(report.table())
         print(f"wrote {', '.join(str(p) for p in report.files.values())}")
         return 0

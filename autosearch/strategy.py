@@ -236,6 +236,7 @@ def _ordered_variants(jobs: list[tuple[str, Candidate]], space: SearchSpace) -> 
 
 def _int8_unit_times(
     source: SourceModel,
+    *,
     space: SearchSpace,
     units: SpaceUnits,
     best_quant: Mapping[str, Any] | None,
@@ -265,6 +266,7 @@ def _estimate_bits(
     rows: dict[tuple[str, str], dict[str, Any]],
     members: dict[tuple[str, str], list[str]],
     bits_jobs: Sequence[tuple[str, str, Any]],
+    *,
     source: SourceModel,
     space: SearchSpace,
     units: SpaceUnits,
@@ -464,8 +466,9 @@ def analyze(
     mode = space.strategy.bits_sensitivity
     estimate = bits_jobs and (mode == "estimate" or mode == "auto" and not affordable(0.6 * per_build * len(bits_jobs)))
     if estimate:
-        done = _estimate_bits(rows, members, bits_jobs, source, space, units, uniform, best_quant, base_accuracy,
-                              built_path, calibration)
+        done = _estimate_bits(rows, members, bits_jobs, source=source, space=space, units=units, uniform=uniform,
+                              best_quant=best_quant, base_accuracy=base_accuracy, built_path=built_path,
+                              calibration=calibration)
         n -= len(bits_jobs) - 1
         _progress(i, n, "int8 sensitivity, one pass", t0, say)
         i += 1
@@ -526,7 +529,8 @@ def analyze(
     # measured per unit where it can be: the uniform int8 model profiled node by node, each node mapped back
     # to its unit (its own quantize/dequantize work included): on a CPU where int8 is slower overall, the
     # units it makes faster still show (depthwise convs slower, pointwise ones faster)
-    int8_ms = _int8_unit_times(source, space, units, best_quant, built_path, list(qunits), by_module, threads, target)
+    int8_ms = _int8_unit_times(source, space=space, units=units, best_quant=best_quant, built_path=built_path,
+                               names=list(qunits), by_module=by_module, threads=threads, target=target)
     for (knob, unit), row in rows.items():
         if knob == "bits" and int8_ms is not None:
             mem = members[(knob, unit)]

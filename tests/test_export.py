@@ -166,14 +166,12 @@ def test_cli_export_rebuilds_the_evaluator_from_the_study(tmp_path: Path) -> Non
     np.savez(tmp_path / "val.npz", x=x, y=y)
     out = _cli("search", "--model", "mlp.onnx", "--data", "val.npz", "--space", "quant", "--study", "c", "--n-trials", "3", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    out = _cli("export", "c", "--pick", "fastest:0.5", "-o", "exp", cwd=tmp_path)
+    # a tolerance no timing noise reaches: the verdict then depends on the accuracy alone, which must agree
+    out = _cli("export", "c", "--pick", "fastest:0.5", "-o", "exp", "--latency-tolerance", "1e6", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     rep = json.loads((tmp_path / "exp" / "report.json").read_text())
-    # the CLI has no tolerance flag, so latency agreement depends on machine load: the verdict printed
-    # must be the one the report's checks give (accuracy is checked True below)
     assert "re-measured" in out.stdout and rep["verdict"] in out.stdout
-    assert rep["verdict"].startswith("AGREES" if rep["agrees"] else "DIFFERS")
-    assert rep["agrees"] == all(v for v in rep["checks"].values() if v is not None)
+    assert rep["verdict"].startswith("AGREES: the re-measured figures (accuracy and latency)") and rep["agrees"] is True
     assert rep["rule"] == "fastest:0.5" and rep["checks"]["accuracy"] is True  # labels rebuilt from the CLI spec
     assert rep["diff_on"] == "200 evaluation sample(s)"
     out = _cli("export", "c", "--pick", "fastest:1.5", cwd=tmp_path)
