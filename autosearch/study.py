@@ -374,7 +374,8 @@ def search(
     with quiet_optuna(optuna.logging.ERROR):
         ost.optimize(
             Objective(ctx, store, baseline, floor,
-                      FloatClock(baseline.path, ctx.source.example_feed, ctx.target, baseline.latency_ms, baseline.at)),
+                      FloatClock(baseline.path, ctx.source.example_feed, ctx.target, baseline.latency_ms, baseline.at),
+                      {lbl: FloatClock(baseline.path, ctx.source.example_feed, t, ms) for lbl, (t, ms) in also.items()}),
             n_trials=budget,
             timeout=timeout if timeout is not None else sp.timeout_s,
             catch=(CandidateError,),

@@ -71,6 +71,7 @@ class Objective:
     baseline: Baseline
     floor: float | None
     clock: FloatClock | None = None
+    also_clocks: dict[str, FloatClock] = field(default_factory=dict)  # the same, on each further target
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         try:
@@ -95,8 +96,13 @@ class Objective:
         if self.clock is not None and rec.get("latency_ms") == rec.get("latency_ms"):  # not NaN (early stopped)
             if not rec.get("cached"):
                 self.clock.tick()
+                for c in self.also_clocks.values():
+                    c.tick()
             base_ms = self.clock.near(rec.get("measured_at"))
             rec = {**rec, "speedup": base_ms / rec["latency_ms"]}
+            for lbl, c in self.also_clocks.items():
+                if rec.get(f"latency_ms@{lbl}"):
+                    rec[f"speedup@{lbl}"] = c.near(rec.get("measured_at")) / rec[f"latency_ms@{lbl}"]
         for k, v in rec.items():
             trial.set_user_attr(k, v)
         acc = rec["accuracy"]
