@@ -137,9 +137,11 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
         kw: dict[str, Any] = {"heartbeat_interval": interval, "grace_period": grace,
                               cb: optuna.storages.RetryFailedTrialCallback(max_retry=1)}
     try:
-        if url.startswith("sqlite:"):
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kw)
-        return optuna.storages.RDBStorage(url, **kw)
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna (since 2.9)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if url.startswith("sqlite:"):
+                return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kw)
+            return optuna.storages.RDBStorage(url, **kw)
     except SQLAlchemyError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot open the study storage {parsed.render_as_string(hide_password=True)!r} ({first[:300]}): "
