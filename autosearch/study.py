@@ -125,7 +125,7 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
     """The RDB storage with a heartbeat: a trial whose worker died (no beat within the grace period) is marked
     FAIL by the next trial that starts (Optuna's ``fail_stale_trials``) and queued again once with the same
     parameters (``system_attrs["failed_trial"]`` names the one it retries)."""
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
     parsed = check_storage_url(url)
     interval, grace = heartbeat_settings()
@@ -134,14 +134,22 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
         # Optuna 4.9 renamed failed_trial_callback (deprecated since) to heartbeat_stale_trial_callback
         cb = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
               in inspect.signature(optuna.storages.RDBStorage.__init__).parameters else "failed_trial_callback")
-        kw: dict[str, Any] = {"heartbeat_interval": interval, "grace_period": grace,
-                              cb: optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+        kw: dict[str, Any] = {"heartbeat_interval": interval, "grace_period": grace, cb: retry(max_retry=1)}
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
     try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna (since 2.9)
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if url.startswith("sqlite:"):
-                return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kw)
-            return optuna.storages.RDBStorage(url, **kw)
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna (since 2.9)
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
+            except (IntegrityError, ProgrammingError):
+                # workers starting together on an empty database race to create Optuna's tables (PostgreSQL:
+                # duplicate key in pg_type, or a table that already exists): the loser finds them made when it tries again
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
     except SQLAlchemyError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot open the study storage {parsed.render_as_string(hide_password=True)!r} ({first[:300]}): "

@@ -151,3 +151,13 @@ def _finish_rc(p: subprocess.Popen[str]) -> str:
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 2, out[-2000:]
     return out
+
+
+def test_the_analysis_runs_once_for_all_workers(problem: Path, postgres_url: str) -> None:
+    (problem / "space.yaml").write_text(yaml.safe_dump({**SPACE, "strategy": {"analysis": True, "remeasure_front": False}}))
+    procs = [_worker(problem, "analysed", postgres_url, 2, i) for i in range(2)]
+    outs = [_finish(p) for p in procs]
+    assert sum("[autosearch] analysis:" in o for o in outs) == 1, [o[-1500:] for o in outs]
+    st = optuna.load_study(study_name="analysed", storage=postgres_url)
+    assert st.user_attrs["analysis"] and st.user_attrs["warm_started"]["by"] == st.user_attrs["warm_start_claim"]
+    assert sum(t.state.is_finished() for t in st.trials) == 4
