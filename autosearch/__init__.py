@@ -13,7 +13,7 @@ from autosearch.errors import AutosearchError, CandidateError, ConfigError, Stud
 from autosearch.evaluate import Evaluator, FidelityEvaluator, LabelledEvaluator
 from autosearch.export import ExportReport, export_trial, pick_trial
 from autosearch.space import SearchSpace, load_space
-from autosearch.study import Study, search
+from autosearch.study import Study, search, work
 from autosearch.target import LatencyStats, Target
 
 __version__ = "0.1.0"
@@ -36,4 +36,5 @@ __all__ = [
     "load_space",
     "pick_trial",
     "search",
+    "work",
 ]

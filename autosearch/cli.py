@@ -20,6 +20,7 @@ _EPILOG = """examples:
   autosearch demo                                  # search the embedded digits CNN (20 trials)
   autosearch search --model model.onnx --data val.npz --study mine --n-trials 40
   autosearch resume mine --n-trials 20             # continue a study where it stopped
+  autosearch worker --model model.onnx --study mine --storage postgresql+psycopg://u:p@db/as  # one of N workers
   autosearch front mine                            # the Pareto front as a table
   autosearch analyze --model model.onnx            # units, parameters and FLOPs
   autosearch export mine --pick fastest:0.98 -o out/  # a trial's model, config and verification report
@@ -53,6 +54,31 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--studies-dir", default="studies", help="home of study databases and artifacts (default: %(default)s)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<studies-dir>/<study>.db); "
                    "use postgresql://... to share a study between machines")
+
+
+def _add_problem(s: argparse.ArgumentParser) -> None:
+    """The problem and run options of ``search`` (``worker`` takes the same)."""
+    s.add_argument("--model", default="default", help="'default' (the digits CNN) or a path to an .onnx file")
+    s.add_argument("--data", default=None, help=".npz with x [, y, calib]; omitted: random inputs, fidelity score")
+    s.add_argument("--metric", default=None, metavar="METRIC",
+                   help="accuracy (needs y); or, without labels, fidelity to the original: scaled_cosine (default: cosine per "
+                   "band of channels on one scale, so box pixels cannot hide class scores), cosine, top1 (argmax agreement), "
+                   "decision (same side of 0.5), or package.module:function taking (outputs, reference) -> float")
+    s.add_argument("--space", default=None, help="preset name (cnn, quant) or YAML path (default: cnn for the default model, quant for ONNX)")
+    s.add_argument("--study", default="autosearch", help="study name (default: %(default)s)")
+    s.add_argument("--n-trials", type=int, default=None, help="trials to run now (default: the space's budget)")
+    s.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    _add_analysis(s)
+    s.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default: %(default)s)")
+    s.add_argument("--provider", default="CPUExecutionProvider", help="ONNX Runtime execution provider (default: %(default)s)")
+    s.add_argument("--profiler", default=None, metavar="URL",
+                   help="time candidates on another device: the URL of `autosearch serve-profiler` running there "
+                   "(token from $AUTOSEARCH_PROFILER_TOKEN); candidates are still scored here")
+    s.add_argument("--also-target", action="append", default=[], metavar="SPEC",
+                   help="time every candidate on this target too (repeatable; the front per target is in `front "
+                   "--target LABEL` and the dashboard): comma-separated threads=N, provider=NAME, profiler=URL, "
+                   "e.g. --also-target threads=2 --also-target profiler=http://edge:8765")
+    _add_common(s)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,27 +117,28 @@ def _parser() -> argparse.ArgumentParser:
         "more holds complete inputs (a scalar input as shape (N,), a state [2, 1, 64] as (N, 2, 1, 64)).\n"
         "Without 'y' the score is fidelity to the original model's outputs.\n",
     )
-    s.add_argument("--model", default="default", help="'default' (the digits CNN) or a path to an .onnx file")
-    s.add_argument("--data", default=None, help=".npz with x [, y, calib]; omitted: random inputs, fidelity score")
-    s.add_argument("--metric", default=None, metavar="METRIC",
-                   help="accuracy (needs y); or, without labels, fidelity to the original: scaled_cosine (default: cosine per "
-                   "band of channels on one scale, so box pixels cannot hide class scores), cosine, top1 (argmax agreement), "
-                   "decision (same side of 0.5), or package.module:function taking (outputs, reference) -> float")
-    s.add_argument("--space", default=None, help="preset name (cnn, quant) or YAML path (default: cnn for the default model, quant for ONNX)")
-    s.add_argument("--study", default="autosearch", help="study name (default: %(default)s)")
-    s.add_argument("--n-trials", type=int, default=None, help="trials to run now (default: the space's budget)")
-    s.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
-    _add_analysis(s)
-    s.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default: %(default)s)")
-    s.add_argument("--provider", default="CPUExecutionProvider", help="ONNX Runtime execution provider (default: %(default)s)")
-    s.add_argument("--profiler", default=None, metavar="URL",
-                   help="time candidates on another device: the URL of `autosearch serve-profiler` running there "
-                   "(token from $AUTOSEARCH_PROFILER_TOKEN); candidates are still scored here")
-    s.add_argument("--also-target", action="append", default=[], metavar="SPEC",
-                   help="time every candidate on this target too (repeatable; the front per target is in `front "
-                   "--target LABEL` and the dashboard): comma-separated threads=N, provider=NAME, profiler=URL, "
-                   "e.g. --also-target threads=2 --also-target profiler=http://edge:8765")
-    _add_common(s)
+    _add_problem(s)
+
+    w = sub.add_parser(
+        "worker", help="join a study as one of several workers (PostgreSQL storage, or SQLite on one machine)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  # 4 workers on one machine, one study in PostgreSQL (the same options as search):\n"
+        "  for i in 0 1 2 3; do\n"
+        "    autosearch worker --index $i --model net.onnx --data val.npz --study net \\\n"
+        "        --storage postgresql+psycopg://user:password@dbhost/autosearch --n-trials 10 &\n"
+        "  done; wait\n"
+        "  autosearch front net --storage postgresql+psycopg://user:password@dbhost/autosearch\n\n"
+        "Each worker runs --n-trials trials with a sampler seed of its own (from --index, default the process id).\n"
+        "The first worker to reach a fresh study runs its analysis and warm start; the others wait for it.\n"
+        "A worker that dies mid-trial stops its heartbeat: after the grace period the next trial any worker\n"
+        "starts marks it FAIL and queues it again with the same parameters (once).\n"
+        "Workers on one machine share --studies-dir (the candidate store, the timing lock); on several machines\n"
+        "each has its own folder and builds what it samples.\n",
+    )
+    _add_problem(w)
+    w.add_argument("--index", type=int, default=None, metavar="N",
+                   help="this worker's number, distinct between workers (its sampler seed; default: the process id)")
 
     r = sub.add_parser("resume", help="continue a study created from the CLI",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -262,7 +289,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studies_dir: str, n_trials: int | None,
-                timeout: float | None, show_front: bool = True) -> None:
+                timeout: float | None, show_front: bool = True, worker: int | None = None) -> None:
     from autosearch.problem import load_problem
     from autosearch.report import print_front
     from autosearch.space import load_space
@@ -276,7 +303,7 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
     if spec.get("also"):
         target = [target, *(_make_target(t, studies_dir) for t in spec["also"])]
     st = search(model, evaluator, example_inputs=example, space=space, target=target, study_name=study,
-                storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec)
+                storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec, worker=worker)
     if show_front:
         print_front(st)
 
@@ -306,6 +333,13 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.command == "search":
         _run_search(_spec(args), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
                     n_trials=args.n_trials, timeout=args.timeout)
+        return 0
+    if args.command == "worker":
+        import os
+
+        _run_search(_spec(args), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
+                    n_trials=args.n_trials, timeout=args.timeout, show_front=False,
+                    worker=os.getpid() if args.index is None else args.index)
         return 0
     if args.command == "resume":
         from autosearch.study import Study

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -354,10 +355,12 @@ class SourceModel:
         return self._upgraded[version]
 
     def save(self, path: str | Path) -> Path:
-        """Write the float ONNX to ``path``."""
+        """Write the float ONNX to ``path`` (atomically: workers sharing a study folder each save the baseline)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(self.onnx_model, str(p))
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        onnx.save(self.onnx_model, str(tmp))
+        os.replace(tmp, p)
         return p
 
 

@@ -3,14 +3,23 @@
 Holds the built ``model.onnx`` and its ``metrics.json`` (scores and timings, or the error that
 failed it). The objective and the analysis measure through the same store, so a candidate is never
 built or measured twice, and a failed one is never retried. Records are written atomically.
+
+Several workers on one machine may share the store (``autosearch worker``): a candidate's folder is locked
+(``.build.lock``, an ``flock`` the OS drops when a worker dies) while it is built and measured, so a second
+worker asking for the same candidate waits and takes the first one's record; the build goes to a private
+folder and its ``model.onnx`` is moved into place with ``os.replace``, so no reader sees half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +87,11 @@ class CandidateStore:
             CandidateError: it failed (now, or when it was first tried; the reason is stored).
         """
         rec = self.cached(cand)
+        if not rec:
+            with _locked(self.folder(cand) / ".build.lock"):
+                rec = self.cached(cand)  # another worker may have measured it while this one waited
+                if not rec:
+                    return self._fresh(cand, floor)
         if rec:
             if "error" in rec:
                 raise CandidateError(rec["error"])
@@ -86,6 +100,9 @@ class CandidateStore:
                 rec.update(self._also(self.model_path(cand), missing))  # a target added since it was measured
                 write_json(self.folder(cand) / "metrics.json", rec)
             return {**rec, "cached": True}
+        return self._fresh(cand, floor)
+
+    def _fresh(self, cand: Candidate, floor: float | None) -> dict[str, Any]:
         mfile = self.folder(cand) / "metrics.json"
         try:
             rec = self._measure(cand, floor)
@@ -96,7 +113,16 @@ class CandidateStore:
         return rec
 
     def _measure(self, cand: Candidate, floor: float | None) -> dict[str, Any]:
-        built = build_candidate(self.source, cand, self.folder(cand), units=self.units, calibration=self.calibration)
+        folder = self.folder(cand)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=folder))
+        try:
+            built = build_candidate(self.source, cand, tmp, units=self.units, calibration=self.calibration)
+            path = self.model_path(cand)
+            os.replace(built.path, path)  # whole or absent: a reader never opens half a model
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        built.path = path
         sess = self.target.session(built.path)
         t = time.perf_counter()
         n = getattr(self.evaluator, "num_samples", 0)
@@ -124,6 +150,18 @@ class CandidateStore:
             out[f"latency_ms@{lbl}"] = ms
             out[f"speedup@{lbl}"] = base_ms / ms
         return out
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created) for the block; released by the OS if the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -10,7 +10,10 @@ resumes the study; a different model, space or target is refused.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+import socket
 import time
 import warnings
 from collections.abc import Mapping
@@ -34,7 +37,8 @@ from autosearch.steps.warm_start import apply_narrowing, queue_warm_start
 from autosearch.store import CandidateStore
 from autosearch.target import Target, same_target, target_label
 
-__all__ = ["Study", "check_storage_url", "check_study_name", "default_storage", "remeasure_front", "search"]
+__all__ = ["Study", "check_storage_url", "check_study_name", "default_storage", "heartbeat_settings", "remeasure_front", "search",
+           "work"]
 
 _ATTR = "autosearch"
 
@@ -102,14 +106,50 @@ def check_storage_url(url: Any) -> Any:
     return parsed
 
 
+def heartbeat_settings() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds: 10 and 60, or ``$AUTOSEARCH_HEARTBEAT_S`` and
+    ``$AUTOSEARCH_GRACE_S`` (the grace period defaults to 6 intervals, at least 2 s more than one)."""
+    def whole(name: str, default: int) -> int:
+        raw = os.environ.get(name)
+        if raw is None or not raw.strip():
+            return default
+        if not raw.strip().isdigit() or int(raw) < 1:
+            raise ConfigError(f"${name} is {raw!r}: give a whole number of seconds >= 1")
+        return int(raw)
+
+    interval = whole("AUTOSEARCH_HEARTBEAT_S", 10)
+    return interval, whole("AUTOSEARCH_GRACE_S", max(6 * interval, interval + 2))
+
+
 def _storage(url: str) -> optuna.storages.BaseStorage:
-    from sqlalchemy.exc import SQLAlchemyError
+    """The RDB storage with a heartbeat: a trial whose worker died (no beat within the grace period) is marked
+    FAIL by the next trial that starts (Optuna's ``fail_stale_trials``) and queued again once with the same
+    parameters (``system_attrs["failed_trial"]`` names the one it retries)."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
     parsed = check_storage_url(url)
+    interval, grace = heartbeat_settings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna 4.9 renamed failed_trial_callback (deprecated since) to heartbeat_stale_trial_callback
+        cb = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
+              in inspect.signature(optuna.storages.RDBStorage.__init__).parameters else "failed_trial_callback")
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+        kw: dict[str, Any] = {"heartbeat_interval": interval, "grace_period": grace, cb: retry(max_retry=1)}
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
     try:
-        if url.startswith("sqlite:"):
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return optuna.storages.RDBStorage(url)
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna (since 2.9)
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
+            except (IntegrityError, ProgrammingError):
+                # workers starting together on an empty database race to create Optuna's tables (PostgreSQL:
+                # duplicate key in pg_type, or a table that already exists): the loser finds them made when it tries again
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
     except SQLAlchemyError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot open the study storage {parsed.render_as_string(hide_password=True)!r} ({first[:300]}): "
@@ -302,6 +342,7 @@ def search(
     studies_dir: str | Path = "studies",
     verbose: bool = True,
     cli_spec: Mapping[str, Any] | None = None,
+    worker: int | None = None,
 ) -> Study:
     """Run (or resume) a search and return the study.
 
@@ -325,6 +366,11 @@ def search(
         studies_dir: Home of study databases and artifacts.
         verbose: Print a line per trial.
         cli_spec: The problem spec the CLI built (stored, so ``autosearch resume`` and export can rebuild it).
+        worker: Run as one of several workers sharing this study (see :func:`work`): this worker's index
+            (any whole number distinct between the workers; the process id when ``work`` is not given one) makes
+            its sampler seed its own, and the front is not re-measured at the end (the workers would time it at
+            once). Without it, the same steps; either way the analysis and the warm start of a fresh study run
+            once, in whichever process claims them first through the storage.
 
     Returns:
         The :class:`Study`; ``study.front()`` is the Pareto front as a DataFrame.
@@ -347,7 +393,8 @@ def search(
     ctx = _context(model, evaluator, example_inputs=example_inputs, space=space, target=target, say=say,
                    verbose=verbose, study_dir=Path(studies_dir) / study_name)
     url = storage or default_storage(study_name, studies_dir)
-    ost, n_done = _open_study(ctx, study_name=study_name, url=url, cli_spec=cli_spec)
+    ost, n_done, stor, seed = _open_study(ctx, study_name=study_name, url=url, cli_spec=cli_spec, worker=worker)
+    me = f"{socket.gethostname()}:{os.getpid()}" + (f"#{worker}" if worker is not None else "")
     sp = ctx.space
 
     baseline = measure_baseline(ctx)
@@ -365,8 +412,16 @@ def search(
         say("[autosearch] also timed on " + ", ".join(f"{lbl} (float {ms:.3f} ms)" for lbl, (_, ms) in also.items()))
     store = CandidateStore(ctx.study_dir, ctx.source, ctx.units, ctx.calibration, ctx.evaluator, ctx.target, baseline.latency_ms,
                            also)
-    if not ost.trials:
-        queue_warm_start(ctx, ost, store=store, baseline=baseline, floor=floor, n_trials=n_trials)
+    if _warm_start_due(ost):
+        if _claim(stor, ost, "warm_start_claim", me):
+            t_ws = time.perf_counter()
+            queue_warm_start(ctx, ost, store=store, baseline=baseline, floor=floor, n_trials=n_trials)
+            ost.set_user_attr("warm_started", {"by": me, "at": time.time(), "seconds": time.perf_counter() - t_ws,
+                                               "queued": sum(t.state == optuna.trial.TrialState.WAITING for t in ost.trials)})
+            if worker is not None:
+                say(f"[autosearch] worker {me}: ran the warm start")
+        else:
+            _wait_warm_start(ost, say, me)
     apply_narrowing(ctx, ost)
 
     budget = n_trials if n_trials is not None else sp.n_trials
@@ -375,7 +430,8 @@ def search(
         ost.optimize(
             Objective(ctx, store, baseline, floor,
                       FloatClock(baseline.path, ctx.source.example_feed, ctx.target, baseline.latency_ms, baseline.at),
-                      {lbl: FloatClock(baseline.path, ctx.source.example_feed, t, ms) for lbl, (t, ms) in also.items()}),
+                      {lbl: FloatClock(baseline.path, ctx.source.example_feed, t, ms) for lbl, (t, ms) in also.items()},
+                      worker={"id": me, "seed": seed}),
             n_trials=budget,
             timeout=timeout if timeout is not None else sp.timeout_s,
             catch=(CandidateError,),
@@ -383,10 +439,72 @@ def search(
             gc_after_trial=False,
         )
     study = Study(ost, studies_dir=studies_dir)
-    if sp.strategy.remeasure_front:
+    if sp.strategy.remeasure_front and worker is None:
         remeasure_front(study, ctx.target, ctx.source.example_feed, baseline.path, say=say)
     say(f"[autosearch] {budget} trial(s) in {time.perf_counter() - started:.0f} s; study {study_name!r} at {url}")
     return study
+
+
+def work(model: Any, evaluator: Evaluator | None = None, *, study_name: str, storage: str | None = None,
+         index: int | None = None, **kwargs: Any) -> Study:
+    """Join (or create) a study as one of several workers: :func:`search` with ``worker=index`` (default: the
+    process id). Start as many as you like, on one machine or several, with the same model, space, target and
+    storage (PostgreSQL for more than one machine; a shared ``studies_dir`` on one machine); each runs ``n_trials``.
+
+    The first to reach a fresh study runs its analysis and warm start (claimed through the storage); the others
+    wait for it (``$AUTOSEARCH_WARM_WAIT_S``, default 3600 s, then they start sampling). A worker killed mid-trial
+    leaves a RUNNING trial whose heartbeat stops: the next trial any worker starts after the grace period marks it
+    FAIL and queues it once more with the same parameters (:func:`heartbeat_settings`).
+
+    Example:
+        >>> work("net.onnx", ev, study_name="net", storage="postgresql+psycopg://u:p@db/search", n_trials=20)  # doctest: +SKIP
+    """
+    return search(model, evaluator, study_name=study_name, storage=storage,
+                  worker=os.getpid() if index is None else int(index), **kwargs)
+
+
+def _warm_start_due(ost: optuna.Study) -> bool:
+    """A fresh study (no trial yet), or one whose warm start was claimed and has not finished."""
+    ua = ost.user_attrs
+    return "warm_started" not in ua and ("warm_start_claim" in ua or not ost.trials)
+
+
+def _claim(stor: optuna.storages.BaseStorage, ost: optuna.Study, key: str, me: str) -> bool:
+    """Set the study user attribute ``key`` to ``me`` only if no process has set it: an INSERT the database's
+    unique (study, key) constraint lets only one process make. True when this process holds the claim."""
+    from sqlalchemy.exc import IntegrityError
+
+    if isinstance(stor, optuna.storages.RDBStorage):
+        from optuna.storages._rdb import models
+
+        session = stor.scoped_session()
+        try:
+            session.add(models.StudyUserAttributeModel(study_id=ost._study_id, key=key, value_json=json.dumps(me)))
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+        finally:
+            session.close()
+    elif key not in ost.user_attrs:  # in-memory storage: one process
+        ost.set_user_attr(key, me)
+    return ost.user_attrs.get(key) == me
+
+
+def _wait_warm_start(ost: optuna.Study, say: Any, me: str) -> None:
+    """Wait until the worker that claimed the warm start has queued it (or the wait's limit passes)."""
+    raw = os.environ.get("AUTOSEARCH_WARM_WAIT_S", "3600")
+    try:
+        limit = float(raw)
+    except ValueError:
+        raise ConfigError(f"$AUTOSEARCH_WARM_WAIT_S is {raw!r}: give a number of seconds") from None
+    owner = ost.user_attrs.get("warm_start_claim")
+    say(f"[autosearch] worker {me}: the warm start is {owner}'s; waiting for it (at most {limit:.0f} s)")
+    deadline = time.time() + limit
+    while "warm_started" not in ost.user_attrs:
+        if time.time() > deadline:
+            say(f"[autosearch] worker {me}: {owner} did not finish the warm start within {limit:.0f} s; sampling without it")
+            return
+        time.sleep(0.5)
 
 
 def _check_n_trials(n_trials: Any) -> None:
@@ -508,9 +626,11 @@ def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mappin
                               "the evaluation inputs")
 
 
-def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapping[str, Any] | None) -> tuple[optuna.Study, int]:
+def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapping[str, Any] | None,
+                worker: int | None = None) -> tuple[optuna.Study, int, optuna.storages.BaseStorage, int]:
     """Create the study, or open it after checking it was made for the same model, space, target and
-    objectives; returns it with the number of trials already run."""
+    objectives; returns it with the number of trials already run, its storage and the sampler's seed (a
+    worker's is offset by its index, so no two workers sample the same sequence)."""
     sp, stor = ctx.space, _storage(url)
     meta: dict[str, Any] = {
         "model_fingerprint": ctx.source.fingerprint,
@@ -542,7 +662,8 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
         # trials queued by the warm start but not run yet (e.g. after `analyze --sensitivity`) are not done
         n_done = sum(t.state != optuna.trial.TrialState.WAITING for t in existing.trials) if existing is not None else 0
         cfg = meta["sampler"]
-        sampler = _make_sampler(cfg["name"], int(cfg["seed"]) + n_before, int(cfg["population_size"]))
+        seed = (int(cfg["seed"]) + n_before + (1_000_003 * int(worker) if worker is not None else 0)) % 2**32
+        sampler = _make_sampler(cfg["name"], seed, int(cfg["population_size"]))
         ost = optuna.create_study(study_name=study_name, storage=stor, directions=[OBJECTIVES[o] for o in sp.objectives],
                                   sampler=sampler, load_if_exists=True)
         with warnings.catch_warnings():
@@ -552,7 +673,7 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
             ost.set_user_attr(_ATTR, meta)
         if cli_spec is not None and not ost.user_attrs.get("cli_spec"):
             ost.set_user_attr("cli_spec", dict(cli_spec))
-    return ost, n_done
+    return ost, n_done, stor, seed
 
 
 def _floor(sp: SearchSpace, base_acc: float) -> float | None:

@@ -93,3 +93,11 @@ def tiny_onnx(path: Path, *, in_features: int = 16, hidden: int = 64, out: int =
 @pytest.fixture()
 def mlp_onnx(tmp_path: Path) -> Path:
     return tiny_onnx(tmp_path / "mlp.onnx")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server for the session (tests/pg.py): ``postgresql+psycopg://...`` of a fresh database."""
+    from pg import postgres_server
+
+    yield from postgres_server()

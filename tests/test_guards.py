@@ -208,7 +208,8 @@ def test_load_and_cli_check_the_name_too(tmp_path: Path, capsys: Any) -> None:
 @pytest.mark.parametrize(("url", "match"), [
     ("notaurl", r"storage 'notaurl' is not a database URL .*write it as sqlite:///"),
     ("foo://host/db", r"unknown database 'foo'; use sqlite:///\.\.\. or postgresql\+psycopg"),
-    ("postgresql://user:secret@localhost/db", r"needs the Python driver 'psycopg' .*pip install psycopg\[binary\]"),
+    # a driver no extra installs (psycopg is in the [postgres] extra, so postgresql:// may well open)
+    ("postgresql+pg8000://user:secret@localhost/db", r"needs the Python driver 'pg8000' .*pip install pg8000"),
     ("sqlite:////no/such/folder/x.db", r"folder '/no/such/folder' of the SQLite file does not exist: create it"),
 ])
 def test_storage_urls_are_checked(url: str, match: str, mlp_onnx: Path, tmp_path: Path) -> None:

@@ -72,6 +72,7 @@ class Objective:
     floor: float | None
     clock: FloatClock | None = None
     also_clocks: dict[str, FloatClock] = field(default_factory=dict)  # the same, on each further target
+    worker: dict[str, Any] | None = None  # {"id": host:pid[#index], "seed": the sampler's}: recorded in each trial
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         try:
@@ -82,6 +83,8 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> tuple[float, ...]:
         ctx = self.ctx
+        if self.worker is not None:
+            trial.set_user_attr("worker", dict(self.worker))
         cand = sample_candidate(trial, ctx.space, ctx.units)
         trial.set_user_attr("candidate", cand.to_dict())
         trial.set_user_attr("summary", cand.summary())

@@ -1,0 +1,163 @@
+"""Several worker processes on one study in a real PostgreSQL server (tests/pg.py): no trial lost or
+run twice, the warm start run once, one seed per worker, and a worker killed with SIGKILL mid-trial
+recovered through the heartbeat (its trial FAIL, queued again with the same parameters, run by another)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from conftest import tiny_onnx
+
+# a short heartbeat, so a dead worker's trial is stale after 3 s (the default is 10 s / 60 s)
+ENV = {**os.environ, "AUTOSEARCH_HEARTBEAT_S": "1", "AUTOSEARCH_GRACE_S": "3", "OMP_NUM_THREADS": "1"}
+
+SPACE = {
+    "name": "workers",
+    "knobs": {"bits": {"choices": [32, 8]}},
+    "quantization": {"mode": ["static", "dynamic"], "activation_type": ["uint8", "int8"], "per_channel": [True, False],
+                     "calibration_samples": 16},
+    "constraints": {"max_accuracy_drop": 0.05},
+    "sampler": {"name": "random", "seed": 0},
+    "strategy": {"analysis": False, "remeasure_front": False},
+}
+
+
+@pytest.fixture()
+def problem(tmp_path: Path) -> Path:
+    model = tiny_onnx(tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(str(model)).run(None, {"x": x})[0].argmax(1)
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    return tmp_path
+
+
+def _worker(cwd: Path, study: str, url: str, n: int, index: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "autosearch", "worker", "--index", str(index), "--model", "mlp.onnx", "--data", "val.npz",
+         "--space", "space.yaml", "--study", study, "--storage", url, "--n-trials", str(n)],
+        cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(p: subprocess.Popen[str], timeout: float = 240) -> str:
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def test_four_workers_share_one_study(problem: Path, postgres_url: str) -> None:
+    procs = [_worker(problem, "four", postgres_url, 5, i) for i in range(4)]
+    outs = [_finish(p) for p in procs]
+    st = optuna.load_study(study_name="four", storage=postgres_url)
+    trials = st.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state.is_finished()]
+    assert len(finished) == 20 and len({t.number for t in trials}) == len(trials)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in finished), [(t.number, t.state) for t in finished]
+    # the warm start ran once: one claim, one worker that says it ran it, its queued trials each run once
+    ws = st.user_attrs["warm_started"]
+    assert ws["by"] == st.user_attrs["warm_start_claim"]
+    assert sum("ran the warm start" in o for o in outs) == 1
+    assert ws["queued"] >= 2  # float and uniform int8
+    params = [tuple(sorted(t.params.items())) for t in finished if "fixed_params" in t.system_attrs]
+    assert len(params) == len(set(params)) == ws["queued"]
+    # four workers, four seeds, each recorded with its trials
+    workers = {t.user_attrs["worker"]["id"]: t.user_attrs["worker"]["seed"] for t in finished}
+    assert len(workers) == 4 and len(set(workers.values())) == 4
+    # the shared candidate store: every finished trial's model is a whole ONNX file
+    import onnx
+
+    for t in finished:
+        onnx.checker.check_model(onnx.load(str(problem / t.user_attrs["onnx_path"])))
+    assert not list((problem / "studies" / "four" / "candidates").glob("*/.build-*"))
+
+
+SLOW = """
+import sys, time
+import autosearch.store as store
+from autosearch.cli import main
+
+def slow(self, cand, floor):
+    print("SLOW-TRIAL-STARTED", flush=True)
+    time.sleep(600)
+
+store.CandidateStore._measure = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_worker_trial_fails_and_is_retried(problem: Path, postgres_url: str) -> None:
+    (problem / "slow.py").write_text(textwrap.dedent(SLOW))
+    args = ["worker", "--model", "mlp.onnx", "--data", "val.npz", "--space", "space.yaml", "--study", "kill",
+            "--storage", postgres_url]
+    doomed = subprocess.Popen([sys.executable, "slow.py", *args, "--index", "0", "--n-trials", "3"], cwd=problem, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    other = _worker(problem, "kill", postgres_url, 3, 1)
+    try:
+        assert doomed.stdout is not None
+        for line in doomed.stdout:  # the doomed worker is inside a trial (its heartbeat thread beating)
+            if "SLOW-TRIAL-STARTED" in line:
+                break
+        else:
+            pytest.fail("the slow worker ended before its trial started")
+        st = optuna.load_study(study_name="kill", storage=postgres_url)
+        running = [t for t in st.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING
+                   and t.user_attrs.get("worker", {}).get("id", "").endswith("#0")]
+        assert len(running) == 1
+        victim = running[0]
+        os.kill(doomed.pid, signal.SIGKILL)
+        doomed.wait(timeout=30)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    _finish(other)
+    time.sleep(4)  # past the grace period: the next trial started marks the victim FAIL and queues it again
+    _finish(_worker(problem, "kill", postgres_url, 2, 2))
+    st = optuna.load_study(study_name="kill", storage=postgres_url)
+    trials = st.get_trials(deepcopy=False)
+    dead = trials[victim.number]
+    assert dead.state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert retries[0].state == optuna.trial.TrialState.COMPLETE
+    # nothing else lost: the two live workers' 5 trials all finished, the victim the only failure
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 5
+    assert [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL] == [victim.number]
+    assert not [t for t in trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
+
+
+def test_worker_bad_storage_is_one_line(problem: Path) -> None:
+    for url, says in (("postgresql+nosuchdriver://u@h/db", "unknown database"),
+                      ("postgresql+psycopg://postgres@127.0.0.1:1/none", "cannot open the study storage")):
+        p = _worker(problem, "bad", url, 1, 0)
+        out = _finish_rc(p)
+        lines = [ln for ln in out.strip().splitlines() if ln.startswith("autosearch: error:")]
+        assert len(lines) == 1 and says in lines[0] and "Traceback" not in out, out[-2000:]
+
+
+def _finish_rc(p: subprocess.Popen[str]) -> str:
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2, out[-2000:]
+    return out
+
+
+def test_the_analysis_runs_once_for_all_workers(problem: Path, postgres_url: str) -> None:
+    (problem / "space.yaml").write_text(yaml.safe_dump({**SPACE, "strategy": {"analysis": True, "remeasure_front": False}}))
+    procs = [_worker(problem, "analysed", postgres_url, 2, i) for i in range(2)]
+    outs = [_finish(p) for p in procs]
+    assert sum("[autosearch] analysis:" in o for o in outs) == 1, [o[-1500:] for o in outs]
+    st = optuna.load_study(study_name="analysed", storage=postgres_url)
+    assert st.user_attrs["analysis"] and st.user_attrs["warm_started"]["by"] == st.user_attrs["warm_start_claim"]
+    assert sum(t.state.is_finished() for t in st.trials) == 4
