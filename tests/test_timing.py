@@ -187,7 +187,8 @@ def test_ctrl_c_leaves_a_failed_trial_with_its_reason_and_names_the_study(tmp_pa
             st = optuna.load_study(study_name="sig", storage=url)
         except Exception:  # noqa: BLE001 - not created yet
             continue
-        running = next((t.number for t in st.get_trials(deepcopy=False) if t.state.name == "RUNNING" and t.number >= 1), None)
+        running = next((t.number for t in st.get_trials(deepcopy=False)  # a trial inside its build or measurement
+                        if t.state.name == "RUNNING" and t.number >= 1 and "onnx_path" in t.user_attrs), None)
     assert running is not None, "no trial was seen running"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
