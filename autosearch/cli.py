@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="autosearch",
         description="Search per-layer pruning, low-rank and precision of a model, with latency measured "
-        "by ONNX Runtime on this machine, and keep the Pareto front of accuracy vs latency.",
+        "by ONNX Runtime on the target (this machine, or a device running `autosearch serve-profiler`), and keep "
+        "the Pareto front of accuracy vs latency.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
