@@ -559,7 +559,7 @@ def _context(model: Any, evaluator: Evaluator | None, *, example_inputs: Any, sp
         raise ConfigError(no_units_reason(source, sp))
     calibration = evaluator.calibration_feeds(max(sp.calibration_samples, max(sp.recovery.calibration_samples)),
                                               source.input_names)
-    _check_calibration(calibration, source.example_feed)
+    _check_calibration(calibration, source.example_feed, source.onnx_model)
     _preflight(evaluator, source, sp, say=say, verbose=verbose)
     return SearchContext(space=sp, source=source, units=units, evaluator=evaluator, target=tgt, study_dir=study_dir,
                          calibration=calibration, say=say, verbose=verbose, also=also)
@@ -605,8 +605,10 @@ def _preflight(evaluator: Evaluator, source: Any, sp: SearchSpace, *, say: Any, 
             warnings.warn(msg[len("[autosearch] warning: "):], UserWarning, stacklevel=3)
 
 
-def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mapping[str, np.ndarray]) -> None:
-    """Calibration samples shaped unlike the model's input would fail every quantized trial: say so now."""
+def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mapping[str, np.ndarray],
+                       model: Any = None) -> None:
+    """Calibration samples shaped unlike the model's input would fail every quantized trial: say so now. Only the
+    rank and the dimensions the model declares fixed are compared (a free sequence length may differ per sample)."""
     if not calibration:
         return
     for k, feed in enumerate(calibration):
@@ -620,10 +622,21 @@ def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mappin
         if got is None:
             raise ConfigError(f"the calibration samples lack the model input {name!r} (they have {sorted(calibration[0])}); "
                               "pass calibration= with one array per input")
-        if np.ndim(got) != np.ndim(ref) or np.shape(got)[1:] != np.shape(ref)[1:]:
+        fixed = _fixed_dims(model, name) if model is not None else dict(enumerate(np.shape(ref)))
+        if np.ndim(got) != np.ndim(ref) or any(i > 0 and i < np.ndim(got) and np.shape(got)[i] != d for i, d in fixed.items()):
             raise ConfigError(f"calibration samples for input {name!r} have per-sample shape {list(np.shape(got)[1:])}, "
                               f"the model's example input {list(np.shape(ref)[1:])}: pass calibration= data shaped like "
                               "the evaluation inputs")
+
+
+def _fixed_dims(model: Any, name: str) -> dict[int, int]:
+    """Axis -> size of the dimensions the model declares fixed for input ``name``."""
+    from autosearch.model import graph_inputs
+
+    for vi in graph_inputs(model):
+        if vi.name == name:
+            return {i: d.dim_value for i, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_value > 0}
+    return {}
 
 
 def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapping[str, Any] | None,

@@ -391,3 +391,18 @@ def test_candidate_key_includes_recovery_of_structural_candidates() -> None:
     q = {"mode": "static"}
     assert Candidate(bits={"fc": 8}, quant=q, recovery={"distill_steps": 0}).key(fp) == \
         Candidate(bits={"fc": 8}, quant=q, recovery={"distill_steps": 100}).key(fp)
+
+
+def test_calibration_with_another_free_sequence_length_is_accepted() -> None:
+    """Only the dimensions the model fixes are compared: a text model's free sequence length may differ
+    between the example input and the calibration samples (an earlier check compared every axis but 0)."""
+    from autosearch.study import _check_calibration
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "seq", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "seq", 8])])
+    model = helper.make_model(g)
+    example = {"x": np.zeros((1, 5, 8), np.float32)}
+    _check_calibration([{"x": np.zeros((1, 12, 8), np.float32)}], example, model)
+    with pytest.raises(ConfigError, match=r"per-sample shape \[12, 7\]"):
+        _check_calibration([{"x": np.zeros((1, 12, 7), np.float32)}], example, model)
