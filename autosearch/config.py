@@ -38,9 +38,24 @@ __all__ = [
     "RecoverySetting",
     "StrategyConfig",
     "config_error",
+    "quant_label",
 ]
 
 CONFIG_VERSION = 1
+
+
+def quant_label(q: Mapping[str, Any]) -> str:
+    """Short label of quantizer options: ``static u8 per-ch rr``, ``dynamic per-ch``, ...
+
+    The one wording of a ``quant`` setting, used by trial summaries and the analysis' lines.
+    """
+    mode = str(q.get("mode", "static"))
+    act = {"uint8": "u8", "int8": "s8"}.get(str(q.get("activation_type")), "?")
+    return (mode + (f" {act}" if mode == "static" else "")
+            + (" per-ch" if q.get("per_channel") else "")
+            + (" rr" if q.get("reduce_range") else "")
+            + (" weighted-ops" if mode == "static" and q.get("op_scope") == "weighted" else "")
+            + (" pre" if q.get("preprocess") else ""))
 
 
 class _Strict(BaseModel):

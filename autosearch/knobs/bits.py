@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from autosearch.config import quant_label
 from autosearch.knobs.base import Knob
 
 if TYPE_CHECKING:
@@ -58,15 +59,7 @@ class Bits(Knob):
         low = [int(b) for b in values.values() if self.active(b)]
         if not low:
             return "float"
-        q = options
-        act = {"uint8": "u8", "int8": "s8"}.get(str(q.get("activation_type")), "?")
-        mode = q.get("mode", "static")
-        return (f"int{'/'.join(map(str, sorted(set(low))))} {len(low)}/{len(values)} {mode}"
-                + (f" {act}" if mode == "static" else "")
-                + (" per-ch" if q.get("per_channel") else "")
-                + (" rr" if q.get("reduce_range") else "")
-                + (" weighted-ops" if mode == "static" and q.get("op_scope") == "weighted" else "")
-                + (" pre" if q.get("preprocess") else ""))
+        return f"int{'/'.join(map(str, sorted(set(low))))} {len(low)}/{len(values)} {quant_label(options)}"
 
 
 def _subgraph_weighted(model: onnx.ModelProto) -> int:

@@ -20,6 +20,7 @@ import optuna
 
 from autosearch.build import build_candidate
 from autosearch.candidate import Candidate, SpaceUnits, candidate_params
+from autosearch.config import quant_label
 from autosearch.space import SearchSpace
 from autosearch.steps import SearchContext, quiet_optuna
 from autosearch.steps.baseline import Baseline
@@ -130,7 +131,7 @@ def _analysis_candidates(ctx: SearchContext, ost: optuna.Study, *, store: Candid
         ost.set_user_attr("analysis", blob)
         ok = [u for u in analysis.uniform if "error" not in u]
         ctx.say(f"[autosearch] analysis took {analysis.seconds:.0f} s; uniform int8 variants (speedup, {evaluator.name}): "
-                + "; ".join(f"{_qlabel(u['quant'])} {u['speedup']:.2f}x {u['accuracy']:.4f}" for u in ok))
+                + "; ".join(f"{quant_label(u['quant'])} {u['speedup']:.2f}x {u['accuracy']:.4f}" for u in ok))
     from autosearch.strategy import _space_floor
 
     floor = _space_floor(sp, baseline.accuracy)
@@ -178,11 +179,3 @@ def uniform_structural(sp: SearchSpace, units: SpaceUnits, bits: dict[str, int],
         prune = {u: max((c for c in spec.choices_for(u) if c <= r), default=0.0) for u in units.prune}
         out.append(Candidate(bits=bits, prune={u: float(p) for u, p in prune.items() if p > 0}, quant=quant if bits else {}, recovery=rec))
     return out
-
-
-def _qlabel(q: Mapping[str, Any]) -> str:
-    if q.get("mode") == "dynamic":
-        return "dynamic" + (" per-ch" if q.get("per_channel") else "") + (" rr" if q.get("reduce_range") else "")
-    act = {"uint8": "u8s8", "int8": "s8s8"}.get(str(q.get("activation_type")), "?")
-    return (act + (" per-ch" if q.get("per_channel") else "") + (" rr" if q.get("reduce_range") else "")
-            + (" weighted-ops" if q.get("op_scope") == "weighted" else "") + (" pre" if q.get("preprocess") else ""))
