@@ -66,10 +66,14 @@ def latest_claim(stor: optuna.storages.BaseStorage, study_name: str) -> tuple[in
 
 def try_claim(stor: optuna.storages.BaseStorage, study_name: str, generation: int, me: str) -> int | None:
     """Make claim ``generation`` (its study id) unless another process made it first (``None``)."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created" for a claim
     try:
         cid = stor.create_new_study([optuna.study.StudyDirection.MINIMIZE], claim_name(study_name, generation))
     except optuna.exceptions.DuplicatedStudyError:
         return None
+    finally:
+        optuna.logging.set_verbosity(level)
     for key, value in (("owner", me), ("host", socket.gethostname()), ("pid", os.getpid()), ("pidns", _pidns()),
                        ("beat", 0), ("claimed_at", time.time())):
         stor.set_study_user_attr(cid, key, value)

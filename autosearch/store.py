@@ -129,8 +129,8 @@ class CandidateStore:
             figures = {k: v for k, v in rec.items() if k != "artifacts"}
             with tempfile.TemporaryDirectory(prefix=".publish-", dir=self.folder(cand)) as tmp:
                 mfile = Path(tmp) / "metrics.json"
-                mfile.write_text(json.dumps({"key": self.folder(cand).name, "candidate": cand.to_dict(), **figures},
-                                            default=float))
+                atomic_write_text(mfile, json.dumps({"key": self.folder(cand).name, "candidate": cand.to_dict(), **figures},
+                                                    default=float))
                 ids = {"model": upload_file(self.artifacts, self.model_path(cand), attach, name="model.onnx"),
                        "metrics": upload_file(self.artifacts, mfile, attach)}
             write_json(self.folder(cand) / "metrics.json", {**rec, "artifacts": {**(rec.get("artifacts") or {}), where: ids}})
