@@ -521,8 +521,10 @@ def work(model: Any, evaluator: Evaluator | None = None, *, study_name: str, sto
     process id). Start as many as you like, on one machine or several, with the same model, space, target and
     storage (PostgreSQL for more than one machine; a shared ``studies_dir`` on one machine); each runs ``n_trials``.
 
-    The first to reach a fresh study runs its analysis and warm start (claimed through the storage); the others
-    wait for it (``$AUTOSEARCH_WARM_WAIT_S``, default 3600 s, then they start sampling). A worker killed mid-trial
+    The first to reach a fresh study runs its analysis and warm start (claimed through the storage,
+    :mod:`autosearch.claim`); the others wait for it (``$AUTOSEARCH_WARM_WAIT_S``, default 3600 s, then they start
+    sampling), and one of them takes the claim over when its holder dies or lets its lease lapse. Workers on
+    several machines share models through one ``artifact_store=`` (a shared folder or ``s3://bucket``). A worker killed mid-trial
     leaves a RUNNING trial whose heartbeat stops: the next trial any worker starts after the grace period marks it
     FAIL and queues it once more with the same parameters (:func:`heartbeat_settings`).
 
