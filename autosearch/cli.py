@@ -352,7 +352,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.command == "resume":
         from autosearch.study import Study
 
-        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir, artifact_store=args.artifacts)
         saved = st.optuna_study.user_attrs.get("cli_spec")
         if not saved:
             raise ConfigError(
@@ -366,7 +366,7 @@ def _cmd(args: argparse.Namespace) -> int:
         from autosearch.report import format_front, print_front
         from autosearch.study import Study
 
-        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir, artifact_store=args.artifacts)
         if args.target:
             df = st.front(target=args.target)
             cols = ["trial", "accuracy", "latency_ms", f"speedup@{args.target}", "size_mb", "config"]
@@ -397,7 +397,7 @@ def _cmd(args: argparse.Namespace) -> int:
         if args.study:
             from autosearch.study import Study
 
-            st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+            st = Study.load(args.study, args.storage, studies_dir=args.studies_dir, artifact_store=args.artifacts)
             blob = st.optuna_study.user_attrs.get("analysis")
             df = st.analysis()
             if df is None or blob is None:  # None together: st.analysis() reads the same attribute
@@ -458,7 +458,7 @@ def _cmd(args: argparse.Namespace) -> int:
         from autosearch.dashboard import write_dashboard
         from autosearch.study import Study
 
-        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir, artifact_store=args.artifacts)
         path = write_dashboard(st, args.out or f"{args.study}-dashboard.html")
         print(f"wrote {path} (one self-contained HTML file; open it in a browser, no network needed)")
         return 0
