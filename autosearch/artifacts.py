@@ -10,6 +10,11 @@ records their ids (``artifact_id``, ``metrics_artifact_id``) and the store they 
 the one whose candidate folder built it. The default store is a folder, ``<study folder>/artifacts``; a shared
 folder (NFS, a mounted volume) or an S3-compatible bucket (``s3://bucket``, with ``boto3`` installed) lets workers
 on several machines and a reader on yet another share the models.
+
+Optuna's ``upload_artifact`` records an artifact's metadata on the trial before it writes the file; a worker killed
+between the two leaves metadata naming a file that never arrived (optuna-dashboard shows a dead link). AutoSearch
+sets a trial's ``artifact_id`` only after both its uploads returned, and the folder store writes each file
+atomically, so an id a trial records always names a whole file.
 """
 
 from __future__ import annotations

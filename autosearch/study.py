@@ -227,7 +227,7 @@ class Study:
         """
         from autosearch.artifacts import fetch_artifact
 
-        t = self.optuna_study.trials[trial] if isinstance(trial, int) else trial
+        t = self.optuna_study.get_trials(deepcopy=False)[trial] if isinstance(trial, int) else trial
         ua = t.user_attrs
         looked: list[str] = []
         aid = ua.get("artifact_id")

@@ -94,7 +94,8 @@ def test_two_machines_one_artifact_folder_export_on_a_third(tmp_path: Path) -> N
     """Two workers in their own folders (their own candidate stores, as on two machines) share one storage and one
     artifact folder; both folders are deleted, and an export from a third folder finds the picked trial's model and
     the float model by artifact id (the store the study recorded), re-scores it and agrees. Catches: export reading
-    the model from ``onnx_path`` only (the file is gone: exit 2), or workers uploading to their own folders."""
+    the model from ``onnx_path`` only (the file is gone: exit 2), workers uploading to their own folders, or
+    ``--artifacts`` not reaching the export (the folder moved: exit 2)."""
     tiny_onnx(tmp_path / "mlp.onnx")
     x, y = _data(tmp_path, tmp_path / "mlp.onnx", 200)
     np.savez(tmp_path / "val.npz", x=x, y=y)
@@ -131,6 +132,15 @@ def test_two_machines_one_artifact_folder_export_on_a_third(tmp_path: Path) -> N
     assert rep["max_abs_diff"] is not None  # the float model came from the study's baseline artifact
     meta = json.loads((third / "exp" / "metrics.json").read_text())
     assert meta["artifact_id"] == by_id[pick] and meta["source_onnx"].startswith(str(shared.resolve()))
+    # the shared folder mounted elsewhere on this machine: --artifacts names it, the recorded address is not needed
+    moved = tmp_path / "mounted-elsewhere"
+    shared.rename(moved)
+    out = subprocess.run([sys.executable, "-m", "autosearch", "export", "two", "--storage", url, "--pick", str(pick),
+                          "-o", "exp2", "--latency-tolerance", "1e6", "--artifacts", str(moved)],
+                         cwd=third, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert _sha(third / "exp2" / "model.onnx") == _sha(moved / by_id[pick])
+    assert json.loads((third / "exp2" / "report.json").read_text())["max_abs_diff"] is not None
 
 
 def _strip_artifacts(study_dir: Path, url: str, old_url: str, name: str) -> None:
