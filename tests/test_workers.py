@@ -1,6 +1,8 @@
 """Several worker processes on one study in a real PostgreSQL server (tests/pg.py): no trial lost or
 run twice, the warm start run once, one seed per worker, and a worker killed with SIGKILL mid-trial
-recovered through the heartbeat (its trial FAIL, queued again with the same parameters, run by another)."""
+recovered through the heartbeat (its trial FAIL, queued again with the same parameters, run by another).
+The warm-start claim, on SQLite and PostgreSQL: made by exactly one of several racing processes, and taken
+over (the analysis run by the taker) when its holder is SIGKILLed, lets its lease lapse or releases it."""
 
 from __future__ import annotations
 
