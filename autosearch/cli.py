@@ -54,6 +54,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--studies-dir", default="studies", help="home of study databases and artifacts (default: %(default)s)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<studies-dir>/<study>.db); "
                    "use postgresql://... to share a study between machines")
+    p.add_argument("--artifacts", default=None, metavar="PATH",
+                   help="artifact store of the trials' models: a folder (shared between machines, e.g. a mounted volume) "
+                   "or s3://bucket (needs boto3); default: the one the study recorded, else <studies-dir>/<study>/artifacts")
 
 
 def _add_problem(s: argparse.ArgumentParser) -> None:
@@ -135,7 +138,9 @@ def _parser() -> argparse.ArgumentParser:
         "A worker that dies mid-trial stops its heartbeat: after the grace period the next trial any worker\n"
         "starts marks it FAIL and queues it again with the same parameters (once).\n"
         "Workers on one machine share --studies-dir (the candidate store, the timing lock); on several machines\n"
-        "each has its own folder and builds what it samples.\n",
+        "each has its own folder and builds what it samples, and all upload the trials' models to one artifact\n"
+        "store (--artifacts /mnt/shared/artifacts, or s3://bucket): export and the dashboard then find any\n"
+        "trial's model from any machine by its artifact id.\n",
     )
     _add_problem(w)
     w.add_argument("--index", type=int, default=None, metavar="N",
@@ -290,7 +295,8 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studies_dir: str, n_trials: int | None,
-                timeout: float | None, show_front: bool = True, worker: int | None = None) -> None:
+                timeout: float | None, show_front: bool = True, worker: int | None = None,
+                artifacts: str | None = None) -> None:
     from autosearch.problem import load_problem
     from autosearch.report import print_front
     from autosearch.space import load_space
@@ -304,7 +310,8 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
     if spec.get("also"):
         target = [target, *(_make_target(t, studies_dir) for t in spec["also"])]
     st = search(model, evaluator, example_inputs=example, space=space, target=target, study_name=study,
-                storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec, worker=worker)
+                storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec, worker=worker,
+                artifact_store=artifacts)
     if show_front:
         print_front(st)
 
@@ -333,19 +340,19 @@ def _cmd(args: argparse.Namespace) -> int:
         return 0
     if args.command == "search":
         _run_search(_spec(args), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
-                    n_trials=args.n_trials, timeout=args.timeout)
+                    n_trials=args.n_trials, timeout=args.timeout, artifacts=args.artifacts)
         return 0
     if args.command == "worker":
         import os
 
         _run_search(_spec(args), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
                     n_trials=args.n_trials, timeout=args.timeout, show_front=False,
-                    worker=os.getpid() if args.index is None else args.index)
+                    worker=os.getpid() if args.index is None else args.index, artifacts=args.artifacts)
         return 0
     if args.command == "resume":
         from autosearch.study import Study
 
-        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir, artifact_store=args.artifacts)
         saved = st.optuna_study.user_attrs.get("cli_spec")
         if not saved:
             raise ConfigError(
@@ -353,13 +360,13 @@ def _cmd(args: argparse.Namespace) -> int:
                 "resume it by calling autosearch.search(...) again with the same study_name"
             )
         _run_search(dict(saved), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
-                    n_trials=args.n_trials, timeout=args.timeout)
+                    n_trials=args.n_trials, timeout=args.timeout, artifacts=args.artifacts)
         return 0
     if args.command == "front":
         from autosearch.report import format_front, print_front
         from autosearch.study import Study
 
-        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir, artifact_store=args.artifacts)
         if args.target:
             df = st.front(target=args.target)
             cols = ["trial", "accuracy", "latency_ms", f"speedup@{args.target}", "size_mb", "config"]
@@ -370,7 +377,9 @@ def _cmd(args: argparse.Namespace) -> int:
         else:
             print_front(st)
         if args.csv:
-            (st.trials() if args.all else st.front(target=args.target)).to_csv(args.csv, index=False)
+            from autosearch.artifacts import atomic_write_text
+
+            atomic_write_text(args.csv, (st.trials() if args.all else st.front(target=args.target)).to_csv(index=False))
             print(f"wrote {args.csv}")
         return 0
     if args.command == "analyze":
@@ -384,11 +393,11 @@ def _cmd(args: argparse.Namespace) -> int:
                 raise ConfigError("--sensitivity keeps its results in a study: add --study NAME "
                                   "(then `autosearch search --study NAME` starts from them)")
             _run_search(_spec(args), study=args.study, storage=args.storage, studies_dir=args.studies_dir,
-                        n_trials=0, timeout=None, show_front=False)
+                        n_trials=0, timeout=None, show_front=False, artifacts=args.artifacts)
         if args.study:
             from autosearch.study import Study
 
-            st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+            st = Study.load(args.study, args.storage, studies_dir=args.studies_dir, artifact_store=args.artifacts)
             blob = st.optuna_study.user_attrs.get("analysis")
             df = st.analysis()
             if df is None or blob is None:  # None together: st.analysis() reads the same attribute
@@ -417,14 +426,16 @@ def _cmd(args: argparse.Namespace) -> int:
             print(f"measured total {total:.3f} ms per inference; {ms.get('(other)', 0.0) / total:.1%} outside these units")
         print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if args.csv:
-            df.to_csv(args.csv, index=False)
+            from autosearch.artifacts import atomic_write_text
+
+            atomic_write_text(args.csv, df.to_csv(index=False))
             print(f"wrote {args.csv}")
         return 0
     if args.command == "export":
         from autosearch.export import export_trial, pick_trial
         from autosearch.study import Study
 
-        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir, artifact_store=args.artifacts)
         number = pick_trial(st, args.pick)
         out = args.out or f"{args.study}-trial{number}"
         extra = {} if args.latency_tolerance is None else {"latency_tolerance": args.latency_tolerance}
@@ -447,7 +458,7 @@ def _cmd(args: argparse.Namespace) -> int:
         from autosearch.dashboard import write_dashboard
         from autosearch.study import Study
 
-        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir)
+        st = Study.load(args.study, args.storage, studies_dir=args.studies_dir, artifact_store=args.artifacts)
         path = write_dashboard(st, args.out or f"{args.study}-dashboard.html")
         print(f"wrote {path} (one self-contained HTML file; open it in a browser, no network needed)")
         return 0

@@ -564,6 +564,7 @@ def write_dashboard(study: Any, path: str | Path, *, title: str | None = None) -
         parts.append("<p class='meta'>" + "<br>".join(html.escape(n) for n in data.notes) + "</p>")
     parts.append("<p class='meta'>The study is a plain Optuna study: optuna-dashboard opens it too.</p>")
     parts.append("</body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts), encoding="utf-8")
+    from autosearch.artifacts import atomic_write_text
+
+    atomic_write_text(out, "\n".join(parts))  # a browser reloading it never reads half a page
     return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from autosearch.artifacts import atomic_copy, atomic_write_text
 from autosearch.errors import ConfigError
 from autosearch.knobs import known
 
@@ -328,28 +328,30 @@ class ExportReport:
 
 # --------------------------------------------------------------------------- export
 def _trial_onnx(study: Any, trial: Any) -> Path:
+    """The trial's model on this machine: by its artifact id first, its recorded path for older studies
+    (:meth:`autosearch.study.Study.model_path`)."""
+    if hasattr(study, "model_path"):
+        return Path(study.model_path(trial))
     raw = trial.user_attrs.get("onnx_path")
-    if not raw:
-        raise ConfigError(f"trial {trial.number} of study {study.name!r} records no ONNX file (user attribute 'onnx_path')")
-    p = Path(raw)
-    tries = [p]
-    if not p.is_absolute():
-        tries.append(Path(study.dir) / "candidates" / p.parent.name / p.name)
-    for cand in tries:
-        if cand.exists():
-            return cand
-    raise ConfigError(
-        f"the ONNX file of trial {trial.number} ({raw}) is missing (looked in {', '.join(str(t) for t in tries)}): "
-        "run from the folder the study was created in, or pass studies_dir= to Study.load / --studies-dir"
-    )
+    if not raw or not Path(raw).exists():
+        raise ConfigError(f"the ONNX file of trial {trial.number} of study {study.name!r} is missing ({raw})")
+    return Path(raw)
+
+
+def _baseline_onnx(study: Any) -> Path | None:
+    """The study's float model on this machine (its folder's ``baseline.onnx``, else the study's artifact)."""
+    if hasattr(study, "baseline_path"):
+        found = study.baseline_path()
+        return Path(found) if found is not None else None
+    p = Path(study.dir) / "baseline.onnx"
+    return p if p.exists() else None
 
 
 def _copy_onnx(src: Path, dst_dir: Path) -> Path:
     """Copy an ONNX file and any external-data files it references."""
     import onnx
 
-    dst = dst_dir / "model.onnx"
-    shutil.copyfile(src, dst)
+    dst = atomic_copy(src, dst_dir / "model.onnx")
     try:
         proto = onnx.load(str(src), load_external_data=False)
     except Exception:  # noqa: BLE001 - an unreadable copy has no external data to follow
@@ -361,7 +363,7 @@ def _copy_onnx(src: Path, dst_dir: Path) -> Path:
                 if kv.key == "location" and kv.value not in seen:
                     seen.add(kv.value)
                     if (src.parent / kv.value).exists():
-                        shutil.copyfile(src.parent / kv.value, dst_dir / kv.value)
+                        atomic_copy(src.parent / kv.value, dst_dir / kv.value)
     return dst
 
 
@@ -553,7 +555,8 @@ def export_trial(
 
     cfg = _config(study, trial)
     files["config"] = out / "config.yaml"
-    files["config"].write_text(
+    atomic_write_text(
+        files["config"],
         f"# trial {number} of study {study.name!r}: per-unit knobs (every unit of the search space; bits 32 = float,\n"
         "# prune 0 = untouched, rank 1.0 = full rank), global quantizer and recovery options.\n"
         "# 'candidate' is the same in the form autosearch.Candidate.from_dict() reads.\n"
@@ -590,18 +593,18 @@ def export_trial(
         "target": meta.get("target", {}),
         "build_notes": ua.get("build_notes", []),
         "source_onnx": str(src),
+        "artifact_id": ua.get("artifact_id"),
+        "artifact_store": ua.get("artifact_store"),
     }
     files["metrics"] = out / "metrics.json"
-    files["metrics"].write_text(json.dumps(_jsonable(metrics), indent=2))
+    atomic_write_text(files["metrics"], json.dumps(_jsonable(metrics), indent=2))
 
     # -- verification, in one run
     tgt = target if target is not None else _target_of(study)
-    base_path = Path(study.dir) / "baseline.onnx"
-    if not base_path.exists():
-        notes.append(f"original float model {base_path} is missing: latency measured alone, no output difference")
-        base_path_opt: Path | None = None
-    else:
-        base_path_opt = base_path
+    base_path_opt = _baseline_onnx(study)
+    if base_path_opt is None:
+        notes.append(f"original float model {Path(study.dir) / 'baseline.onnx'} is missing (and the study has no "
+                     "reachable baseline artifact): latency measured alone, no output difference")
     if evaluator is None:
         evaluator, rebuilt_example = _rebuild_problem(study, base_path_opt, notes)
         if example_inputs is None:
@@ -756,6 +759,6 @@ def export_trial(
     )
     files["report_md"] = out / "report.md"
     files["report_json"] = out / "report.json"
-    files["report_md"].write_text(report.markdown())
-    files["report_json"].write_text(json.dumps(_jsonable(report.to_dict()), indent=2))
+    atomic_write_text(files["report_md"], report.markdown())
+    atomic_write_text(files["report_json"], json.dumps(_jsonable(report.to_dict()), indent=2))
     return report

@@ -8,6 +8,10 @@ Several workers on one machine may share the store (``autosearch worker``): a ca
 (``.build.lock``, an ``flock`` the OS drops when a worker dies) while it is built and measured, so a second
 worker asking for the same candidate waits and takes the first one's record; the build goes to a private
 folder and its ``model.onnx`` is moved into place with ``os.replace``, so no reader sees half a file.
+
+With an artifact store (:mod:`autosearch.artifacts`), :meth:`CandidateStore.publish` uploads a candidate's model
+and record once per store (under the candidate's lock; the ids are kept in its ``metrics.json`` under
+``artifacts``), however many trials repeat the candidate: trials refer to those ids, not to this folder.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from autosearch.artifacts import atomic_write_text, describe_store, upload_file
 from autosearch.build import build_candidate
 from autosearch.candidate import Candidate
 from autosearch.errors import CandidateError
@@ -61,6 +66,7 @@ class CandidateStore:
     base_latency_ms: float
     also: Mapping[str, Any] = field(default_factory=dict)  # label -> (target, float latency on it)
     evaluator_fingerprint: str = field(default="")
+    artifacts: Any = None  # an optuna.artifacts store: publish() uploads to it
 
     def __post_init__(self) -> None:
         if not self.evaluator_fingerprint:
@@ -99,8 +105,36 @@ class CandidateStore:
             if missing and rec.get("latency_ms") == rec.get("latency_ms") and self.model_path(cand).exists():
                 rec.update(self._also(self.model_path(cand), missing))  # a target added since it was measured
                 write_json(self.folder(cand) / "metrics.json", rec)
-            return {**rec, "cached": True}
+            return {**{k: v for k, v in rec.items() if k != "artifacts"}, "cached": True}
         return self._fresh(cand, floor)
+
+    def publish(self, cand: Candidate, attach: Any) -> dict[str, str] | None:
+        """Upload the measured candidate's model and record to the artifact store, once per store: the ids
+        ``{"model", "metrics", "store"}`` (``store``: its address), kept in the candidate's record so a trial
+        repeating the candidate takes them as they are. ``attach``: the Optuna trial (or study) whose artifact
+        list names the upload. ``None``: no store, or nothing to upload (a failed candidate)."""
+        if self.artifacts is None:
+            return None
+        where = describe_store(self.artifacts)
+        known = self._uploaded(self.cached(cand), where)
+        if known:
+            return {**known, "store": where}
+        with _locked(self.folder(cand) / ".build.lock"):
+            rec = self.cached(cand)
+            known = self._uploaded(rec, where)  # another worker may have uploaded it while this one waited
+            if known:
+                return {**known, "store": where}
+            if not rec or "error" in rec or not self.model_path(cand).is_file():
+                return None
+            figures = {k: v for k, v in rec.items() if k != "artifacts"}
+            with tempfile.TemporaryDirectory(prefix=".publish-", dir=self.folder(cand)) as tmp:
+                mfile = Path(tmp) / "metrics.json"
+                atomic_write_text(mfile, json.dumps({"key": self.folder(cand).name, "candidate": cand.to_dict(), **figures},
+                                                    default=float))
+                ids = {"model": upload_file(self.artifacts, self.model_path(cand), attach, name="model.onnx"),
+                       "metrics": upload_file(self.artifacts, mfile, attach)}
+            write_json(self.folder(cand) / "metrics.json", {**rec, "artifacts": {**(rec.get("artifacts") or {}), where: ids}})
+            return {**ids, "store": where}
 
     def _fresh(self, cand: Candidate, floor: float | None) -> dict[str, Any]:
         mfile = self.folder(cand) / "metrics.json"
@@ -111,6 +145,17 @@ class CandidateStore:
             raise
         write_json(mfile, rec)
         return rec
+
+    def _uploaded(self, rec: Mapping[str, Any], where: str) -> dict[str, str] | None:
+        """The ids a record holds for store ``where``; ``None`` when it holds none, or (a folder store) the
+        folder no longer has the model (deleted since: upload again)."""
+        known = (rec.get("artifacts") or {}).get(where)
+        if not known:
+            return None
+        path_of = getattr(self.artifacts, "path_of", None)
+        if callable(path_of) and not path_of(known["model"]).is_file():
+            return None
+        return dict(known)
 
     def _measure(self, cand: Candidate, floor: float | None) -> dict[str, Any]:
         folder = self.folder(cand)
@@ -166,10 +211,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write a record atomically: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dict(data), default=float))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(dict(data), default=float))
 
 
 def read_json(path: Path) -> dict[str, Any]:

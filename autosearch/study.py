@@ -2,16 +2,16 @@
 
 The study is a plain Optuna study (metric names set, RDB storage, SQLite file by
 default) so it opens in optuna-dashboard as is. Each trial holds its full
-candidate and every measurement as user attributes and its ONNX file under
-``studies/<name>/candidates/<hash>/``; an identical candidate is never built
-or measured twice. Calling :func:`search` again with the same name and storage
-resumes the study; a different model, space or target is refused.
+candidate and every measurement as user attributes; its ONNX file is built under
+``studies/<name>/candidates/<hash>/`` and published to the study's artifact store
+(:mod:`autosearch.artifacts`), which the trial names by artifact id. An identical
+candidate is never built or measured twice. Calling :func:`search` again with the
+same name and storage resumes the study; a different model, space or target is refused.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import socket
 import time
@@ -173,14 +173,20 @@ class Study:
         >>> study.front()[["trial", "accuracy", "latency_ms", "speedup"]]  # doctest: +SKIP
     """
 
-    def __init__(self, study: optuna.Study, *, studies_dir: str | Path = "studies") -> None:
+    def __init__(self, study: optuna.Study, *, studies_dir: str | Path = "studies", artifact_store: Any = None) -> None:
+        from autosearch.artifacts import open_artifact_store
+
         self.optuna_study = study
         self.name = study.study_name
         self.dir = Path(studies_dir) / study.study_name
+        self.artifact_store = open_artifact_store(artifact_store)
 
     @classmethod
-    def load(cls, study_name: str, storage: str | None = None, *, studies_dir: str | Path = "studies") -> Study:
-        """Open an existing study (no model needed).
+    def load(cls, study_name: str, storage: str | None = None, *, studies_dir: str | Path = "studies",
+             artifact_store: Any = None) -> Study:
+        """Open an existing study (no model needed). ``artifact_store``: where its trials' models are (a folder,
+        ``s3://bucket`` or an :mod:`optuna.artifacts` store; default: the store each trial recorded, when it is
+        reachable from here, else ``<studies_dir>/<name>/artifacts``).
 
         Raises:
             ConfigError: no study of that name in that storage.
@@ -194,9 +200,72 @@ class Study:
         try:
             st = optuna.load_study(study_name=study_name, storage=_storage(url))
         except KeyError:
-            names = optuna.get_all_study_names(storage=_storage(url))
+            from autosearch.claim import is_claim_name
+
+            names = [n for n in optuna.get_all_study_names(storage=_storage(url)) if not is_claim_name(n)]
             raise ConfigError(f"study {study_name!r} not found in {url}; studies there: {', '.join(names) or '(none)'}") from None
-        return cls(st, studies_dir=studies_dir)
+        return cls(st, studies_dir=studies_dir, artifact_store=artifact_store)
+
+    def _stores(self, recorded: Any) -> list[Any]:
+        """The artifact stores to read from, in order: the one given, the one recorded (per trial, then for the
+        study), the default folder of this machine."""
+        from autosearch.artifacts import AtomicFileSystemArtifactStore, reopen
+
+        out = [self.artifact_store, reopen(recorded), reopen(self.optuna_study.user_attrs.get("artifact_store"))]
+        default = self.dir / "artifacts"
+        if default.is_dir():
+            out.append(AtomicFileSystemArtifactStore(default))
+        return [s for s in out if s is not None]
+
+    def model_path(self, trial: int | optuna.trial.FrozenTrial) -> Path:
+        """A local path holding the trial's ONNX file: found by its artifact id (the store's own file when the
+        store is a folder here, else downloaded once into ``<studies_dir>/<name>/downloads/``), or, for a study
+        made before trials recorded artifact ids, by its ``onnx_path``.
+
+        Raises:
+            ConfigError: the trial records neither, or neither can be found from here (the message says where it looked).
+        """
+        from autosearch.artifacts import fetch_artifact
+
+        t = self.optuna_study.get_trials(deepcopy=False)[trial] if isinstance(trial, int) else trial
+        ua = t.user_attrs
+        looked: list[str] = []
+        aid = ua.get("artifact_id")
+        if aid:
+            stores = self._stores(ua.get("artifact_store"))
+            got = fetch_artifact(stores, str(aid), self.dir / "downloads", "model.onnx")
+            if got is not None:
+                return got
+            looked.append(f"artifact {aid} in {ua.get('artifact_store', '?')}" + ("" if stores else " (not reachable from here)"))
+        raw = ua.get("onnx_path")
+        if raw:
+            p = Path(raw)
+            tries = [p] if p.is_absolute() else [p, self.dir / "candidates" / p.parent.name / p.name]
+            for cand in tries:
+                if cand.exists():
+                    return cand
+            looked += [str(c) for c in tries]
+        if not looked:
+            raise ConfigError(f"trial {t.number} of study {self.name!r} records no ONNX file (user attributes "
+                              "'artifact_id' and 'onnx_path')")
+        raise ConfigError(
+            f"the ONNX file of trial {t.number} is missing (looked for {'; '.join(looked)}): pass the artifact store it "
+            "was uploaded to (--artifacts PATH or s3://bucket; artifact_store= to Study.load), or run from the folder "
+            "the study was created in (--studies-dir / studies_dir=)"
+        )
+
+    def baseline_path(self) -> Path | None:
+        """A local path holding the float model the study was searched from: ``<study folder>/baseline.onnx`` when
+        this machine ran it, else the study's ``baseline_artifact`` (downloaded); ``None`` when neither is found."""
+        from autosearch.artifacts import fetch_artifact
+
+        local = self.dir / "baseline.onnx"
+        if local.exists():
+            return local
+        rec = self.optuna_study.user_attrs.get("baseline_artifact") or {}
+        if not rec.get("id"):
+            return None
+        return fetch_artifact(self._stores(rec.get("store")), str(rec["id"]), self.dir / "downloads", "baseline.onnx")
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -243,6 +312,7 @@ class Study:
                     "config": ua.get("summary", ""),
                     "reason": ua.get("fail_reason") or t.system_attrs.get("fail_reason"),
                     "onnx": ua.get("onnx_path"),
+                    "artifact_id": ua.get("artifact_id"),
                 }
             )
         return pd.DataFrame(rows)
@@ -343,6 +413,7 @@ def search(
     verbose: bool = True,
     cli_spec: Mapping[str, Any] | None = None,
     worker: int | None = None,
+    artifact_store: Any = None,
 ) -> Study:
     """Run (or resume) a search and return the study.
 
@@ -371,6 +442,10 @@ def search(
             its sampler seed its own, and the front is not re-measured at the end (the workers would time it at
             once). Without it, the same steps; either way the analysis and the warm start of a fresh study run
             once, in whichever process claims them first through the storage.
+        artifact_store: Where each trial's model and record are uploaded (trials record the artifact ids): a
+            folder (shared between machines: a mounted volume), ``s3://bucket`` (needs boto3) or an
+            :mod:`optuna.artifacts` store. Default: the store the study recorded when it is reachable from here,
+            else ``<studies_dir>/<study_name>/artifacts``.
 
     Returns:
         The :class:`Study`; ``study.front()`` is the Pareto front as a DataFrame.
@@ -410,18 +485,13 @@ def search(
     if also:
         ost.set_user_attr("baseline", {**baseline.as_dict(), **{f"latency_ms@{lbl}": ms for lbl, (_, ms) in also.items()}})
         say("[autosearch] also timed on " + ", ".join(f"{lbl} (float {ms:.3f} ms)" for lbl, (_, ms) in also.items()))
+    arts = _artifact_store(ost, artifact_store, ctx.study_dir, say)
+    _publish_baseline(ost, arts, baseline.path, ctx.source.fingerprint)
     store = CandidateStore(ctx.study_dir, ctx.source, ctx.units, ctx.calibration, ctx.evaluator, ctx.target, baseline.latency_ms,
-                           also)
+                           also, artifacts=arts)
     if _warm_start_due(ost):
-        if _claim(stor, ost, "warm_start_claim", me):
-            t_ws = time.perf_counter()
-            queue_warm_start(ctx, ost, store=store, baseline=baseline, floor=floor, n_trials=n_trials)
-            ost.set_user_attr("warm_started", {"by": me, "at": time.time(), "seconds": time.perf_counter() - t_ws,
-                                               "queued": sum(t.state == optuna.trial.TrialState.WAITING for t in ost.trials)})
-            if worker is not None:
-                say(f"[autosearch] worker {me}: ran the warm start")
-        else:
-            _wait_warm_start(ost, say, me)
+        _run_warm_start_once(ctx, ost, stor, me, store=store, baseline=baseline, floor=floor, n_trials=n_trials,
+                             worker=worker)
     apply_narrowing(ctx, ost)
 
     budget = n_trials if n_trials is not None else sp.n_trials
@@ -438,7 +508,7 @@ def search(
             callbacks=[Progress(ctx, n_done + budget, n_done)],
             gc_after_trial=False,
         )
-    study = Study(ost, studies_dir=studies_dir)
+    study = Study(ost, studies_dir=studies_dir, artifact_store=arts)
     if sp.strategy.remeasure_front and worker is None:
         remeasure_front(study, ctx.target, ctx.source.example_feed, baseline.path, say=say)
     say(f"[autosearch] {budget} trial(s) in {time.perf_counter() - started:.0f} s; study {study_name!r} at {url}")
@@ -451,8 +521,10 @@ def work(model: Any, evaluator: Evaluator | None = None, *, study_name: str, sto
     process id). Start as many as you like, on one machine or several, with the same model, space, target and
     storage (PostgreSQL for more than one machine; a shared ``studies_dir`` on one machine); each runs ``n_trials``.
 
-    The first to reach a fresh study runs its analysis and warm start (claimed through the storage); the others
-    wait for it (``$AUTOSEARCH_WARM_WAIT_S``, default 3600 s, then they start sampling). A worker killed mid-trial
+    The first to reach a fresh study runs its analysis and warm start (claimed through the storage,
+    :mod:`autosearch.claim`); the others wait for it (``$AUTOSEARCH_WARM_WAIT_S``, default 3600 s, then they start
+    sampling), and one of them takes the claim over when its holder dies or lets its lease lapse. Workers on
+    several machines share models through one ``artifact_store=`` (a shared folder or ``s3://bucket``). A worker killed mid-trial
     leaves a RUNNING trial whose heartbeat stops: the next trial any worker starts after the grace period marks it
     FAIL and queues it once more with the same parameters (:func:`heartbeat_settings`).
 
@@ -469,42 +541,67 @@ def _warm_start_due(ost: optuna.Study) -> bool:
     return "warm_started" not in ua and ("warm_start_claim" in ua or not ost.trials)
 
 
-def _claim(stor: optuna.storages.BaseStorage, ost: optuna.Study, key: str, me: str) -> bool:
-    """Set the study user attribute ``key`` to ``me`` only if no process has set it: an INSERT the database's
-    unique (study, key) constraint lets only one process make. True when this process holds the claim."""
-    from sqlalchemy.exc import IntegrityError
+def _artifact_store(ost: optuna.Study, given: Any, study_dir: Path, say: Any) -> Any:
+    """The store this run uploads to: the one given, else the one the study recorded when reachable from here,
+    else ``<study folder>/artifacts``. The study records the first store used (``artifact_store``)."""
+    from autosearch.artifacts import AtomicFileSystemArtifactStore, describe_store, open_artifact_store, reopen
 
-    if isinstance(stor, optuna.storages.RDBStorage):
-        from optuna.storages._rdb import models
-
-        session = stor.scoped_session()
-        try:
-            session.add(models.StudyUserAttributeModel(study_id=ost._study_id, key=key, value_json=json.dumps(me)))
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-        finally:
-            session.close()
-    elif key not in ost.user_attrs:  # in-memory storage: one process
-        ost.set_user_attr(key, me)
-    return ost.user_attrs.get(key) == me
+    recorded = ost.user_attrs.get("artifact_store")
+    store = open_artifact_store(given)
+    if store is None:
+        store = reopen(recorded)
+        if store is None:
+            store = AtomicFileSystemArtifactStore(study_dir / "artifacts")
+            if recorded and recorded != describe_store(store):
+                say(f"[autosearch] note: the study's artifact store {recorded} cannot be reached from here: this run "
+                    f"uploads to {describe_store(store)}; pass --artifacts (artifact_store=) to share one")
+    if not recorded:
+        ost.set_user_attr("artifact_store", describe_store(store))
+    return store
 
 
-def _wait_warm_start(ost: optuna.Study, say: Any, me: str) -> None:
-    """Wait until the worker that claimed the warm start has queued it (or the wait's limit passes)."""
+def _publish_baseline(ost: optuna.Study, store: Any, path: Path, fingerprint: str) -> None:
+    """Upload the float model once per store (an export on another machine re-times against it)."""
+    from autosearch.artifacts import describe_store, upload_file
+
+    where = describe_store(store)
+    rec = ost.user_attrs.get("baseline_artifact") or {}
+    if rec.get("store") == where and rec.get("model_fingerprint") == fingerprint:
+        return
+    aid = upload_file(store, path, ost, name="baseline.onnx")
+    ost.set_user_attr("baseline_artifact", {"id": aid, "store": where, "model_fingerprint": fingerprint})
+
+
+def _warm_start_wait_s() -> float:
     raw = os.environ.get("AUTOSEARCH_WARM_WAIT_S", "3600")
     try:
-        limit = float(raw)
+        return float(raw)
     except ValueError:
         raise ConfigError(f"$AUTOSEARCH_WARM_WAIT_S is {raw!r}: give a number of seconds") from None
-    owner = ost.user_attrs.get("warm_start_claim")
-    say(f"[autosearch] worker {me}: the warm start is {owner}'s; waiting for it (at most {limit:.0f} s)")
-    deadline = time.time() + limit
-    while "warm_started" not in ost.user_attrs:
-        if time.time() > deadline:
-            say(f"[autosearch] worker {me}: {owner} did not finish the warm start within {limit:.0f} s; sampling without it")
-            return
-        time.sleep(0.5)
+
+
+def _run_warm_start_once(ctx: SearchContext, ost: optuna.Study, stor: optuna.storages.BaseStorage, me: str, *,
+                         store: CandidateStore, baseline: Any, floor: float | None, n_trials: int | None,
+                         worker: int | None) -> None:
+    """The analysis and warm start, in exactly one process (:mod:`autosearch.claim`): this one when it claims
+    them (or takes over a claim whose holder died or let its lease lapse), else it waits until they are recorded."""
+    from autosearch.claim import acquire
+
+    interval, grace = heartbeat_settings()
+    lease = acquire(stor, ost.study_name, me, done=lambda: "warm_started" in ost.user_attrs, say=ctx.say,
+                    lease_s=float(grace), beat_s=float(interval), wait_s=_warm_start_wait_s())
+    if lease is None:
+        return
+    with lease:
+        ost.set_user_attr("warm_start_claim", me)
+        t_ws = time.perf_counter()
+        queue_warm_start(ctx, ost, store=store, baseline=baseline, floor=floor, n_trials=n_trials)
+        if "warm_started" not in ost.user_attrs:  # a holder thought dead but only slow may have finished first
+            ost.set_user_attr("warm_started", {"by": me, "at": time.time(), "seconds": time.perf_counter() - t_ws,
+                                               "claim": lease.generation,
+                                               "queued": sum(t.state == optuna.trial.TrialState.WAITING for t in ost.trials)})
+    if worker is not None or lease.generation > 1:
+        ctx.say(f"[autosearch] worker {me}: ran the warm start")
 
 
 def _check_n_trials(n_trials: Any) -> None:

@@ -1,6 +1,8 @@
 """Several worker processes on one study in a real PostgreSQL server (tests/pg.py): no trial lost or
 run twice, the warm start run once, one seed per worker, and a worker killed with SIGKILL mid-trial
-recovered through the heartbeat (its trial FAIL, queued again with the same parameters, run by another)."""
+recovered through the heartbeat (its trial FAIL, queued again with the same parameters, run by another).
+The warm-start claim, on SQLite and PostgreSQL: made by exactly one of several racing processes, and taken
+over (the analysis run by the taker) when its holder is SIGKILLed, lets its lease lapse or releases it."""
 
 from __future__ import annotations
 
@@ -161,3 +163,159 @@ def test_the_analysis_runs_once_for_all_workers(problem: Path, postgres_url: str
     st = optuna.load_study(study_name="analysed", storage=postgres_url)
     assert st.user_attrs["analysis"] and st.user_attrs["warm_started"]["by"] == st.user_attrs["warm_start_claim"]
     assert sum(t.state.is_finished() for t in st.trials) == 4
+
+
+# ---------------------------------------------------------------------------- the warm-start claim and its lease
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A storage URL of each kind workers share: a SQLite file (one machine) and the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'claims.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+from autosearch.claim import try_claim
+from autosearch.study import _storage
+
+stor = _storage(sys.argv[1])
+stor.get_all_studies()  # connected
+go = Path(sys.argv[3])
+(go.parent / f"ready-{sys.argv[4]}").touch()
+while not go.exists():
+    time.sleep(0.002)
+print("WON" if try_claim(stor, sys.argv[2], 1, sys.argv[4]) is not None else "LOST", flush=True)
+"""
+
+
+def test_exactly_one_process_makes_a_claim(any_url: str, tmp_path: Path) -> None:
+    """Eight processes, connected and released together, try to make the same claim: one makes it, seven are told it exists, and the
+    claim names the winner. Catches: a claim test that is not atomic (e.g. "read the attribute, then set it"
+    instead of creating the claim study, which several processes then all win)."""
+    from autosearch.study import _storage
+
+    name = f"race-{tmp_path.name}"
+    _storage(any_url)  # Optuna's tables made before the race (as the study is, before any worker claims)
+    (tmp_path / "race.py").write_text(RACE)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "race.py"), any_url, name, str(go), f"p{i}"], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(8)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 8 and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    go.touch()  # all eight connected and polling: they try at once
+    outs = [p.communicate(timeout=120)[0].strip().splitlines()[-1:] for p in procs]
+    outs = [o[0] if o else "" for o in outs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(outs) == ["LOST"] * 7 + ["WON"], outs
+    from autosearch.claim import latest_claim
+
+    stor = _storage(any_url)
+    gen, cid = latest_claim(stor, name)
+    assert gen == 1 and cid is not None
+    assert stor.get_study_user_attrs(cid)["owner"] == f"p{outs.index('WON')}"
+
+
+def test_a_claim_whose_lease_lapses_is_taken_over(tmp_path: Path) -> None:
+    """A holder on another machine (its process cannot be checked from here) keeps the claim while its beat
+    advances, loses it once the beat stops for the lease time, and a released claim is taken over at once.
+    Catches: the lease never lapsing (a dead remote holder blocks the others until their wait ends), or lapsing
+    while the holder still beats (the analysis run twice)."""
+    import threading
+
+    from autosearch.claim import Lease, acquire, latest_claim, try_claim
+    from autosearch.study import _storage
+
+    stor = _storage(f"sqlite:///{tmp_path / 'lease.db'}")
+    cid = try_claim(stor, "lease", 1, "far:1")
+    assert cid is not None
+    stor.set_study_user_attr(cid, "host", "a-machine-elsewhere")
+    said: list[str] = []
+    stop = threading.Event()
+
+    def beat() -> None:
+        n = 0
+        while not stop.wait(0.2):
+            n += 1
+            stor.set_study_user_attr(cid, "beat", n)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        got = acquire(stor, "lease", "near:2", done=lambda: False, say=said.append, lease_s=3.0, beat_s=0.2, wait_s=6.0)
+    finally:
+        stop.set()
+        beating.join()
+    assert got is None and latest_claim(stor, "lease")[0] == 1, said  # waited its limit: the holder was alive
+    assert not any("took over" in s for s in said)
+    got = acquire(stor, "lease", "near:2", done=lambda: False, say=said.append, lease_s=3.0, beat_s=0.2, wait_s=60.0)
+    assert isinstance(got, Lease) and got.generation == 2 and "no beat of its lease" in said[-1], said
+    assert stor.get_study_user_attrs(got.claim_id)["owner"] == "near:2"
+    with pytest.raises(RuntimeError), got:
+        raise RuntimeError("the analysis failed")
+    third = acquire(stor, "lease", "third:3", done=lambda: False, say=said.append, lease_s=600.0, beat_s=0.2, wait_s=60.0)
+    assert third is not None and third.generation == 3 and "it released the claim" in said[-1]
+
+
+HOLDS_THE_CLAIM = """
+import sys, time
+import autosearch.steps.warm_start as ws
+from autosearch.cli import main
+
+def stuck(*args, **kwargs):
+    print("ANALYSIS-STARTED", flush=True)
+    time.sleep(600)
+
+ws.analyze = stuck
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_killed_holding_the_claim_is_taken_over(problem: Path, any_url: str) -> None:
+    """A worker SIGKILLed inside the analysis (holding the warm-start claim) is taken over by the worker waiting
+    for it, which runs the analysis itself, once, and records the warm start (claim 2, by itself); its trials then
+    run. Catches: a waiter that only waits for ``warm_started`` (it sits out its whole wait, then samples without a
+    warm start: no "took over", no analysis)."""
+    (problem / "space.yaml").write_text(yaml.safe_dump({**SPACE, "strategy": {"analysis": True, "remeasure_front": False}}))
+    (problem / "holds.py").write_text(textwrap.dedent(HOLDS_THE_CLAIM))
+    study = f"takeover-{problem.name}"
+    env = {**ENV, "AUTOSEARCH_WARM_WAIT_S": "120"}
+    args = ["worker", "--model", "mlp.onnx", "--data", "val.npz", "--space", "space.yaml", "--study", study,
+            "--storage", any_url, "--n-trials", "2"]
+    doomed = subprocess.Popen([sys.executable, "holds.py", *args, "--index", "0"], cwd=problem, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    waiter: subprocess.Popen[str] | None = None
+    before: list[str] = []
+    try:
+        assert doomed.stdout is not None
+        for line in doomed.stdout:
+            before.append(line)
+            if "ANALYSIS-STARTED" in line:
+                break
+        else:
+            pytest.fail("the first worker ended before its analysis: " + "".join(before)[-2000:])
+        waiter = subprocess.Popen([sys.executable, "-m", "autosearch", *args, "--index", "1"], cwd=problem, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert waiter.stdout is not None
+        for line in waiter.stdout:  # the second worker waits on the live holder
+            before.append(line)
+            if "waiting for it" in line:
+                break
+        else:
+            pytest.fail("the second worker did not wait for the claim: " + "".join(before)[-2000:])
+        os.kill(doomed.pid, signal.SIGKILL)
+        doomed.wait(timeout=30)
+        out = _finish(waiter)
+    finally:
+        for p in (doomed, waiter):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert "took over the warm start" in out, out[-3000:]
+    assert out.count("[autosearch] analysis:") == 1, out[-3000:]  # the analysis ran again here, once
+    st = optuna.load_study(study_name=study, storage=any_url)
+    ws = st.user_attrs["warm_started"]
+    assert ws["by"].endswith("#1") and ws["claim"] == 2 and ws["by"] == st.user_attrs["warm_start_claim"]
+    assert st.user_attrs["analysis"]
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials) == 2

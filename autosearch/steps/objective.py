@@ -1,4 +1,9 @@
-"""Step 4: one trial - sample a candidate, measure it through the store, record it in the trial."""
+"""Step 4: one trial - sample a candidate, measure it through the store, record it in the trial.
+
+A measured candidate's model and record are published to the artifact store (once per candidate, however many
+trials repeat it): the trial records ``artifact_id`` (the model), ``metrics_artifact_id`` and ``artifact_store``
+(its address); ``onnx_path`` stays as the path on the machine that built it, a hint for readers of older studies.
+"""
 
 from __future__ import annotations
 
@@ -106,6 +111,8 @@ class Objective:
             for lbl, c in self.also_clocks.items():
                 if rec.get(f"latency_ms@{lbl}"):
                     rec[f"speedup@{lbl}"] = c.near(rec.get("measured_at")) / rec[f"latency_ms@{lbl}"]
+        if not rec.get("early_stopped"):
+            self._publish(trial, cand)
         for k, v in rec.items():
             trial.set_user_attr(k, v)
         acc = rec["accuracy"]
@@ -118,6 +125,22 @@ class Objective:
         if rec.get("early_stopped"):
             raise optuna.TrialPruned(f"scored {acc:.4f} on a subset, below the floor {self.floor:.4f}")
         return tuple(float(rec[o]) for o in ctx.space.objectives)
+
+    def _publish(self, trial: optuna.Trial, cand: Any) -> None:
+        """Record the artifact ids of the trial's model and record; an upload that fails fails the trial (a
+        trial no other machine could read back), not the candidate: a later trial of it uploads again."""
+        try:
+            ids = self.store.publish(cand, trial)
+        except CandidateError:
+            raise
+        except Exception as exc:  # a store's own errors (OSError, a cloud client's) end this trial only
+            reason = f"could not upload the model to the artifact store: {type(exc).__name__}: {str(exc)[:300]}"
+            trial.set_user_attr("fail_reason", reason)
+            raise CandidateError(reason) from exc
+        if ids:
+            trial.set_user_attr("artifact_id", ids["model"])
+            trial.set_user_attr("metrics_artifact_id", ids["metrics"])
+            trial.set_user_attr("artifact_store", ids["store"])
 
 
 @dataclass

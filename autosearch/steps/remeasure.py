@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autosearch.errors import CandidateError
+from autosearch.errors import AutosearchError, CandidateError
 from autosearch.target import Target, interleaved
 
 if TYPE_CHECKING:
@@ -27,7 +27,12 @@ def remeasure_front(study: Study, tgt: Target, feed: Mapping[str, np.ndarray], b
     front = study.front()
     if front.empty:
         return {}
-    models = [("float", base_path)] + [(str(int(r.trial)), Path(r.onnx)) for r in front.itertuples() if r.onnx and Path(r.onnx).exists()]
+    models: list[tuple[str, Path]] = [("float", base_path)]
+    for r in front.itertuples():
+        try:  # by artifact id (a trial another machine built is downloaded), else its recorded path
+            models.append((str(int(r.trial)), study.model_path(int(r.trial))))
+        except AutosearchError:
+            continue
     try:
         stats = interleaved(models, feed, tgt, rounds=rounds)
     except CandidateError as exc:  # e.g. a remote profiler gone: the trials' own figures stay, the study is intact
