@@ -31,7 +31,7 @@ def load_npz(path: str) -> dict[str, Any]:
 def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """(model, evaluator, example_inputs) from a problem spec, as the CLI writes it and a study stores it:
     ``{"kind": "default"}`` (the embedded digits CNN) or ``{"kind": "onnx", "path": ..., "data": npz or None,
-    "metric": name or None}``. Export rebuilds a CLI study's evaluator from it."""
+    "metric": name or None}``; a path to a ``.keras``/``.h5`` file or a SavedModel folder comes back converted to ONNX. Export rebuilds a CLI study's evaluator from it."""
     from autosearch.evaluate import FidelityEvaluator, LabelledEvaluator
 
     if spec["kind"] == "default":
@@ -39,12 +39,19 @@ def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
 
         return default_problem()
     from autosearch.feeds import Samples
+    from autosearch.keras_import import is_keras_source
     from autosearch.model import graph_inputs, load_onnx, normalize_onnx
 
     path = spec["path"]
-    proto, _ = normalize_onnx(load_onnx(path))  # clear errors first
+    model: Any = path
+    if is_keras_source(path):  # a .keras/.h5 file or a SavedModel folder: converted (and checked) once, searched as ONNX
+        from autosearch.keras_import import keras_to_onnx
+
+        model = proto = keras_to_onnx(path).model
+    else:
+        proto, _ = normalize_onnx(load_onnx(path))  # clear errors first
     if not spec.get("data"):
-        return path, None, None
+        return model, None, None
     data = load_npz(spec["data"])
     x: Any
     inputs = {k: v for k, v in data.items() if k != "y" and not k.startswith("calib")}
@@ -69,7 +76,7 @@ def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     example = Samples(x, names, ranks=ranks).feed(0)
     metric = spec.get("metric")
     if "y" in data and metric in (None, "accuracy"):
-        return path, LabelledEvaluator(x, data["y"], calibration=calib), example
+        return model, LabelledEvaluator(x, data["y"], calibration=calib), example
     if metric == "accuracy":
         raise ConfigError(f"--metric accuracy needs labels: {spec['data']!r} has no 'y' array")
-    return path, FidelityEvaluator(x, metric=metric or "scaled_cosine", calibration=calib), example
+    return model, FidelityEvaluator(x, metric=metric or "scaled_cosine", calibration=calib), example
