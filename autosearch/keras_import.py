@@ -381,7 +381,8 @@ def _fold_affine_into_conv(proto: onnx.ModelProto) -> int:
 def _canonical_names(proto: onnx.ModelProto) -> None:
     """tf2onnx numbers the names it makes (``..__173``) from a counter that runs on across conversions in one process;
     renumbered here ``__0``, ``__1``, ... in the counter's order, so that converting a model again gives the same
-    ONNX (and the same fingerprint, which a resumed study checks)."""
+    ONNX (and the same fingerprint, which a resumed study checks). Node names (the units' names) lose the
+    ``StatefulPartitionedCall/`` prefix a SavedModel's signature puts before each."""
     import re
 
     pat = re.compile(r"__(\d+)(?=(:\d+)?$)")
@@ -397,8 +398,12 @@ def _canonical_names(proto: onnx.ModelProto) -> None:
     def fix(s: str) -> str:
         return pat.sub(lambda m: f"__{rank[int(m.group(1))]}", s)
 
-    for n in g.node:
-        n.name = fix(n.name)
+    prefix = "StatefulPartitionedCall/"  # a SavedModel signature's call wraps every node name (twice): left out
+    short = [re.sub(f"^(?:{prefix})+", "", n.name) for n in g.node]
+    if len(set(short)) < len(short) or "" in short:
+        short = [n.name for n in g.node]
+    for n, name in zip(g.node, short):
+        n.name = fix(name)
         for seq in (n.input, n.output):
             for k, s in enumerate(seq):
                 seq[k] = fix(s)

@@ -78,6 +78,17 @@ def saved(keras_cnn, tmp_path_factory):
     return d / "cnn.keras", d / "cnn_savedmodel"
 
 
+def test_h5_file_and_tf_saved_model_save_folder_convert_too(keras_cnn, tmp_path: Path) -> None:
+    from autosearch.keras_import import keras_to_onnx
+
+    keras_cnn.save(tmp_path / "cnn.h5")  # Keras' legacy HDF5 format
+    tf.saved_model.save(keras_cnn, str(tmp_path / "tf_saved"))  # TensorFlow's own writer: signature input 'inputs'
+    h5, folder = keras_to_onnx(tmp_path / "cnn.h5"), keras_to_onnx(tmp_path / "tf_saved")
+    assert h5.parity["output"] <= TOL and folder.parity["output_0"] <= TOL
+    assert [i.name for i in folder.model.graph.input] == ["inputs"]
+    assert not any(n.name.startswith("StatefulPartitionedCall") for n in folder.model.graph.node)
+
+
 def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
 
