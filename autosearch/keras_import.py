@@ -35,7 +35,7 @@ import onnx
 
 from autosearch.errors import ConfigError
 
-__all__ = ["KERAS_SUFFIXES", "Converted", "check_parity", "compare_outputs", "is_keras_source", "keras_to_onnx"]
+__all__ = ["KERAS_SUFFIXES", "Converted", "check_parity", "compare_outputs", "input_specs", "is_keras_source", "keras_to_onnx"]
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 INSTALL = "pip install 'autosearch[tensorflow]'"
@@ -183,17 +183,35 @@ def _as_callable(obj: Any, what: str) -> _Callable:
 
         return _Callable(call_sig, sig_names, [tuple(kwargs[n].shape) for n in sig_names],
                          [kwargs[n].dtype for n in sig_names], what, owner=obj)
-    raise ConfigError(f"{what} is neither a Keras model nor a loaded SavedModel (no .layers, no .signatures): pass "
+    raise ConfigError(f"{what} is neither a Keras model nor a loaded SavedModel (not a keras.Model, no .signatures): pass "
                       "a keras.Model, a .keras/.h5 file or a SavedModel folder")
+
+
+def input_specs(model: Any) -> list[tuple[str, tuple[int | None, ...]]]:
+    """The names and shapes (``None`` where free) the ONNX conversion's inputs will have, without converting.
+
+    Raises:
+        ConfigError: as :func:`keras_to_onnx`; also for a subclassed model, which declares no input shapes.
+    """
+    what = _describe(model)
+    loaded = _load(model)
+    _tf(what)
+    c = _as_callable(loaded, what)
+    if c.shapes is None:
+        raise ConfigError(f"{what} does not declare its input shapes (a subclassed model): build it on keras.Input(...) "
+                          "layers, or pass the model object with example_inputs from Python")
+    return [(n, tuple(shape)) for n, shape in zip(c.names, c.shapes)]
 
 
 def _example_feed(c: _Callable, example_inputs: Any, tf: Any) -> dict[str, np.ndarray]:
     """The example input by name: the user's arrays (floats cast to the input's float type, as Keras does), or
     random data of the model's input shapes at batch 1."""
+    import keras
+
     feed = _given_feed(c, example_inputs, tf)
-    for k, n in enumerate(c.names):
-        want = np.dtype(tf.as_dtype(c.dtypes[k]).as_numpy_dtype) if c.dtypes else None
-        if want is not None and np.issubdtype(want, np.floating) and np.issubdtype(feed[n].dtype, np.floating):
+    for k, n in enumerate(c.names):  # a subclassed model declares no dtype: floats go in as Keras' floatx (float32)
+        want = np.dtype(tf.as_dtype(c.dtypes[k]).as_numpy_dtype) if c.dtypes else np.dtype(keras.config.floatx())
+        if np.issubdtype(want, np.floating) and np.issubdtype(feed[n].dtype, np.floating):
             feed[n] = feed[n].astype(want, copy=False)
     return feed
 
@@ -298,8 +316,9 @@ def check_parity(proto: onnx.ModelProto, reference: Any, feed: Mapping[str, np.n
             difference), or either model does not run on ``feed``.
     """
     what = _describe(reference)
+    loaded = _load(reference)
     tf, _ = _tf(what)
-    c = _as_callable(_load(reference), what)
+    c = _as_callable(loaded, what)
     if not c.names:
         c.names = list(feed)
     expected = _run_tf(c, feed, tf)
@@ -441,8 +460,9 @@ def keras_to_onnx(model: Any, example_inputs: Any = None, *, opset: int = _OPSET
             run, tf2onnx fails, or the converted model does not match TensorFlow on the example input.
     """
     what = _describe(model)
+    loaded = _load(model)  # a missing file is said before a missing TensorFlow
     tf, tf2onnx = _tf(what)
-    c = _as_callable(_load(model), what)
+    c = _as_callable(loaded, what)
     feed = _example_feed(c, example_inputs, tf)
     expected = _run_tf(c, feed, tf)
     shapes = c.shapes or [tuple(feed[n].shape) for n in c.names]

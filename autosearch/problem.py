@@ -31,7 +31,8 @@ def load_npz(path: str) -> dict[str, Any]:
 def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """(model, evaluator, example_inputs) from a problem spec, as the CLI writes it and a study stores it:
     ``{"kind": "default"}`` (the embedded digits CNN) or ``{"kind": "onnx", "path": ..., "data": npz or None,
-    "metric": name or None}``; a path to a ``.keras``/``.h5`` file or a SavedModel folder comes back converted to ONNX. Export rebuilds a CLI study's evaluator from it."""
+    "metric": name or None}``. The path may also be a ``.keras``/``.h5`` file or a SavedModel folder (converted by ``import_model``).
+    Export rebuilds a CLI study's evaluator from it."""
     from autosearch.evaluate import FidelityEvaluator, LabelledEvaluator
 
     if spec["kind"] == "default":
@@ -43,22 +44,22 @@ def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     from autosearch.model import graph_inputs, load_onnx, normalize_onnx
 
     path = spec["path"]
-    model: Any = path
-    if is_keras_source(path):  # a .keras/.h5 file or a SavedModel folder: converted (and checked) once, searched as ONNX
-        from autosearch.keras_import import keras_to_onnx
+    if is_keras_source(path):  # a .keras/.h5 file or a SavedModel folder: import_model converts it (checked on the example)
+        from autosearch.keras_import import input_specs
 
-        model = proto = keras_to_onnx(path).model
+        specs = input_specs(path)
+        names, ranks = [n for n, _ in specs], {n: len(shape) for n, shape in specs}
     else:
         proto, _ = normalize_onnx(load_onnx(path))  # clear errors first
+        names = [vi.name for vi in graph_inputs(proto)]
+        ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in graph_inputs(proto)}
     if not spec.get("data"):
-        return model, None, None
+        return path, None, None
     data = load_npz(spec["data"])
     x: Any
     inputs = {k: v for k, v in data.items() if k != "y" and not k.startswith("calib")}
     if not inputs:
         raise ConfigError(f"{spec['data']!r} has no input array: save it with numpy.savez(path, x=..., y=...)")
-    names = [vi.name for vi in graph_inputs(proto)]
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in graph_inputs(proto)}
     if list(inputs) == ["x"] and len(names) == 1:
         x = {names[0]: inputs["x"]}
     else:
@@ -76,7 +77,7 @@ def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     example = Samples(x, names, ranks=ranks).feed(0)
     metric = spec.get("metric")
     if "y" in data and metric in (None, "accuracy"):
-        return model, LabelledEvaluator(x, data["y"], calibration=calib), example
+        return path, LabelledEvaluator(x, data["y"], calibration=calib), example
     if metric == "accuracy":
         raise ConfigError(f"--metric accuracy needs labels: {spec['data']!r} has no 'y' array")
-    return model, FidelityEvaluator(x, metric=metric or "scaled_cosine", calibration=calib), example
+    return path, FidelityEvaluator(x, metric=metric or "scaled_cosine", calibration=calib), example

@@ -199,6 +199,11 @@ def test_cli_search_on_a_keras_file(saved, digits_nhwc, tmp_path: Path) -> None:
                          cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Pareto front of study 'k'" in out.stdout and "[  2/2] trial 1" in out.stdout, out.stdout[-2000:]
+    assert "converted Keras file" in out.stdout and "tf2onnx" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "autosearch", "resume", "k", "--n-trials", "1"], cwd=tmp_path,
+                         capture_output=True, text=True, check=False, timeout=600, env=_env())
+    assert out.returncode == 0, out.stderr[-3000:]  # converted again in a new process: the same ONNX, so the same study
+    assert "(2 trials so far)" in out.stdout and "[  3/3] trial 2" in out.stdout, out.stdout[-2000:]
 
 
 @pytest.mark.parametrize("kind", ["keras_file", "savedmodel"])
