@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,minilm,remote,postgres
+EXTRAS ?= dev,minilm,remote,postgres,tensorflow
 
 .PHONY: demo test bench clean-venv
 

@@ -61,7 +61,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_problem(s: argparse.ArgumentParser) -> None:
     """The problem and run options of ``search`` (``worker`` takes the same)."""
-    s.add_argument("--model", default="default", help="'default' (the digits CNN) or a path to an .onnx file")
+    s.add_argument("--model", default="default", help="'default' (the digits CNN), a path to an .onnx file, or (with the [tensorflow] extra) "
+                   "a .keras/.h5 file or a SavedModel folder")
     s.add_argument("--data", default=None, help=".npz with x [, y, calib]; omitted: random inputs, fidelity score")
     s.add_argument("--metric", default=None, metavar="METRIC",
                    help="accuracy (needs y); or, without labels, fidelity to the original: scaled_cosine (default: cosine per "
@@ -174,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
                        "first step of a search; --sensitivity runs only that step into --study, and a later\n"
                        "`autosearch search --study <same name>` with the same model and space starts from it.\n"
                        "`autosearch dashboard <study>` plots it.\n")
-    a.add_argument("--model", default="default", help="'default' or a path to an .onnx file")
+    a.add_argument("--model", default="default", help="'default', a path to an .onnx file, a .keras/.h5 file or a SavedModel folder")
     a.add_argument("--sensitivity", action="store_true", help="run the sensitivity scan (needs --study to keep it)")
     a.add_argument("--data", default=None, help="with --sensitivity: .npz with x [, y, calib], as for search")
     a.add_argument("--metric", default=None, metavar="METRIC", help="with --sensitivity: as for search")

@@ -45,7 +45,8 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     if not p.exists():
         raise ConfigError(f"model file {str(p)!r} does not exist: pass the path of an .onnx file")
     if p.is_dir():
-        raise ConfigError(f"model path {str(p)!r} is a directory: pass the path of an .onnx file")
+        raise ConfigError(f"model path {str(p)!r} is a directory without saved_model.pb: pass the path of an .onnx file "
+                          "(or of a TensorFlow SavedModel folder)")
     try:
         model = onnx.load(str(p))
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, ValueError, ... on bad bytes
@@ -412,11 +413,13 @@ def check_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, what: str
 
 
 def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path | None = None) -> SourceModel:
-    """Import a ``torch.nn.Module`` (with example inputs) or an ONNX path/ModelProto.
+    """Import a ``torch.nn.Module`` (with example inputs), an ONNX path/ModelProto, or a Keras / TensorFlow model.
 
     Args:
-        model: ``nn.Module``, path to an ``.onnx`` file, or an ``onnx.ModelProto``.
-        example_inputs: One batch of input; required for modules, optional for ONNX
+        model: ``nn.Module``, path to an ``.onnx`` file, an ``onnx.ModelProto``, or (with the ``[tensorflow]``
+            extra) a ``keras.Model``, a ``.keras``/``.h5`` file or a SavedModel folder, converted to ONNX by
+            :mod:`autosearch.keras_import` and checked against TensorFlow first.
+        example_inputs: One batch of input; required for modules, optional for ONNX and Keras
             (random data of the graph's static shape is used, batch 1 where symbolic).
         workdir: Unused today; reserved for external-data models.
 
@@ -424,6 +427,14 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
         ConfigError: missing/unreadable file, missing example inputs, shape mismatch.
     """
     del workdir
+    from autosearch.keras_import import is_keras_source
+
+    converted_notes: list[str] = []
+    if is_keras_source(model):  # Keras / TensorFlow: converted to ONNX (parity-checked), then imported as ONNX
+        from autosearch.keras_import import keras_to_onnx
+
+        conv = keras_to_onnx(model, example_inputs)
+        model, example_inputs, converted_notes = conv.model, conv.feed, conv.notes
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
@@ -461,7 +472,8 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
             what = repr(str(model))
         else:
             raise ConfigError(
-                f"model must be a torch.nn.Module, an .onnx path or an onnx.ModelProto, got {type(model).__name__}"
+                "model must be a torch.nn.Module, an .onnx path, an onnx.ModelProto or a Keras model (.keras/.h5 file, "
+                f"SavedModel folder), got {type(model).__name__}"
             )
         original = proto
         proto, notes = normalize_onnx(proto)
@@ -479,7 +491,7 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
         check_feed(proto, feed, what="example input")
         if any(n.startswith("folded") for n in notes):
             proto, notes = _keep_if_equal(original, proto, notes, feed)
-        src = SourceModel(proto, feed, origin="onnx", notes=notes)
+        src = SourceModel(proto, feed, origin="onnx", notes=converted_notes + notes)
     src.fingerprint = _fingerprint(src.onnx_model)
     src.input_names = [i.name for i in graph_inputs(src.onnx_model)]
     src.output_names = [o.name for o in src.onnx_model.graph.output]

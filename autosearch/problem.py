@@ -31,7 +31,8 @@ def load_npz(path: str) -> dict[str, Any]:
 def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """(model, evaluator, example_inputs) from a problem spec, as the CLI writes it and a study stores it:
     ``{"kind": "default"}`` (the embedded digits CNN) or ``{"kind": "onnx", "path": ..., "data": npz or None,
-    "metric": name or None}``. Export rebuilds a CLI study's evaluator from it."""
+    "metric": name or None}``. The path may also be a ``.keras``/``.h5`` file or a SavedModel folder (converted by ``import_model``).
+    Export rebuilds a CLI study's evaluator from it."""
     from autosearch.evaluate import FidelityEvaluator, LabelledEvaluator
 
     if spec["kind"] == "default":
@@ -39,10 +40,19 @@ def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
 
         return default_problem()
     from autosearch.feeds import Samples
+    from autosearch.keras_import import is_keras_source
     from autosearch.model import graph_inputs, load_onnx, normalize_onnx
 
     path = spec["path"]
-    proto, _ = normalize_onnx(load_onnx(path))  # clear errors first
+    if is_keras_source(path):  # a .keras/.h5 file or a SavedModel folder: import_model converts it (checked on the example)
+        from autosearch.keras_import import input_specs
+
+        specs = input_specs(path)
+        names, ranks = [n for n, _ in specs], {n: len(shape) for n, shape in specs}
+    else:
+        proto, _ = normalize_onnx(load_onnx(path))  # clear errors first
+        names = [vi.name for vi in graph_inputs(proto)]
+        ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in graph_inputs(proto)}
     if not spec.get("data"):
         return path, None, None
     data = load_npz(spec["data"])
@@ -50,8 +60,6 @@ def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     inputs = {k: v for k, v in data.items() if k != "y" and not k.startswith("calib")}
     if not inputs:
         raise ConfigError(f"{spec['data']!r} has no input array: save it with numpy.savez(path, x=..., y=...)")
-    names = [vi.name for vi in graph_inputs(proto)]
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in graph_inputs(proto)}
     if list(inputs) == ["x"] and len(names) == 1:
         x = {names[0]: inputs["x"]}
     else:
