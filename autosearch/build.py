@@ -221,7 +221,10 @@ def quantize_model(
         float_ops = [n for n, u in groups.items() if bits.get(u, 32) not in (8, 16)]
         quant_ops = [n for n, u in groups.items() if bits.get(u, 32) in (8, 16)]
         if not quantized and not nbits and not quant_ops:
-            raise CandidateError("no node of the units set to quantize was found in the graph")
+            low = sorted(u for u, b in bits.items() if b != 32)
+            why = (" (post: units hold no weight: only static quantization with op_scope 'all' quantizes them)"
+                   if low and all(u.startswith("post:") for u in low) and not scope_all(q, q.mode) else "")
+            raise CandidateError(f"no node of the units set to quantize ({', '.join(low[:5])}) was found in the graph{why}")
         if not quantized and not quant_ops:
             onnx.save(graph, str(out_path))
             _int4_weight_only(out_path, nbits, q)

@@ -196,6 +196,12 @@ def sample_candidate(trial: optuna.Trial, space: SearchSpace, units: Mapping[str
     recovery: dict[str, Any] = {}
     if probe.structural:
         recovery = space.recovery.sample(lambda opt, choices: _suggest(trial, f"recovery.{opt}", choices))
+    sections = {"quant": quant, "recovery": recovery}
+    for k in knobs():  # what the options make a no-op is neutral: one candidate (and one build) per model
+        if k.name in chosen and k.options in sections:
+            chosen[k.name] = k.effective(chosen[k.name], sections[k.options])
+    if not Candidate(**chosen).quantized:
+        quant = {}
     return Candidate(quant=quant, recovery=recovery, **chosen)
 
 

@@ -146,3 +146,32 @@ def test_one_default_per_option_reaches_the_build() -> None:
     # a candidate that names no option gets the declared defaults (dynamic: per-tensor, ORT's own default)
     assert QuantSetting.of({"mode": "dynamic"}).per_channel_in("dynamic") is False
     assert QuantSetting.of({}).per_channel_in("static") is True
+
+
+def test_post_units_are_float_where_the_quant_options_leave_them_float() -> None:
+    """Under dynamic or weighted-ops quantization a ``post:`` unit (ops after the last weighted layer) is not
+    quantized whatever was sampled: the candidate says float there, and a candidate whose only int8 unit is one is
+    the float model (no quant options), not a build that fails with "no node of the units set to quantize".
+    Catches: dropping the ``effective()`` pass in sample_candidate (the post unit stays 8 and the candidate quantized)."""
+    import optuna
+
+    from autosearch.candidate import SpaceUnits, sample_candidate
+
+    space = SearchSpace.from_dict({"knobs": {"bits": [32, 8]},
+                                   "quantization": {"mode": ["static", "dynamic"], "op_scope": ["all", "weighted"]}})
+    units = SpaceUnits(bits=("conv1", "post:logits"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(80):
+        trial = study.ask()
+        cand = sample_candidate(trial, space, units)
+        p = trial.params
+        if p.get("post:logits.bits") == 8:
+            keeps = p.get("quant.mode") == "static" and p.get("quant.op_scope") == "all"
+            assert cand.bits["post:logits"] == (8 if keeps else 32), (p, cand.to_dict())
+            if p.get("conv1.bits") == 32 and not keeps:
+                assert not cand.quantized and cand.quant == {}, cand.to_dict()
+                seen.add("float")
+            seen.add(keeps)
+        study.tell(trial, 0.0)
+    assert seen == {True, False, "float"}

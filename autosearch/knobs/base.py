@@ -72,6 +72,12 @@ class Knob:
         share, ``dims`` its layer's (in, out, full rank) where known. Default: nothing."""
         return 0.0
 
+    def effective(self, values: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+        """The values as the build will apply them under the candidate's ``options`` (its knob's option
+        section): a value that the options make a no-op becomes neutral, so equal models share one candidate.
+        Default: as sampled."""
+        return dict(values)
+
     # ------------------------------------------------------------------ model
     def find_units(self, source: SourceModel) -> tuple[list[str], list[str]]:
         """Names of the units of ``source`` this knob can change, and notes for the user."""

@@ -42,6 +42,17 @@ class Bits(Knob):
         vals = [v for v in choices if self.active(v)]
         return max(vals) if vals else None
 
+    def effective(self, values: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+        """``post:`` units (the ops after the last weighted layer) hold no weight: only static ``op_scope: all``
+        quantizes them; under dynamic or weighted-ops quantization their value is float, whatever was sampled."""
+        from autosearch.analysis import POST_PREFIX
+        from autosearch.config import QuantSetting
+
+        q = QuantSetting.of(options)
+        if q.mode != "dynamic" and q.op_scope == "all":
+            return dict(values)
+        return {u: (self.neutral if u.startswith(POST_PREFIX) else v) for u, v in values.items()}
+
     def find_units(self, source: SourceModel) -> tuple[list[str], list[str]]:
         from autosearch.analysis import quant_units
 
