@@ -74,9 +74,18 @@ def _units(source: SourceModel) -> tuple[dict[str, tuple[str, ...]], list[str]]:
     from autosearch.transforms.structural import find_prune_units
 
     assert source.torch_example is not None  # set with the module (import or conversion)
-    found = find_prune_units(source.torch_module, source.torch_example)
-    notes: list[str] = []
     conv = source.converted
+    notes: list[str] = []
+    try:
+        found = find_prune_units(source.torch_module, source.torch_example)
+    except ConfigError as exc:
+        if conv is None:
+            raise
+        # the user gave ONNX and asked for nothing torch: the knob is skipped, not the search
+        units_none: dict[str, tuple[str, ...]] = {}
+        notes.append(f"prune knob skipped: torch-pruning cannot trace the module converted from this ONNX model ({exc})")
+        source._prune_units = (units_none, notes)  # type: ignore[attr-defined]
+        return units_none, notes
     if conv is None:
         units = {su.name: tuple(su.modules) for su in found}
     else:  # named after the ONNX nodes the layers came from

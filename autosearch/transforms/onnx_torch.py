@@ -48,7 +48,7 @@ def _import_onnx2torch() -> Any:
     onnx2torch imports torchvision at import time, for two ops only (NonMaxSuppression, RoiAlign).
     A CPU build of torch next to PyPI's torchvision (built for CUDA torch) cannot load it, and
     torchvision may be absent: then a placeholder stands in while onnx2torch is imported, and a
-    graph with one of those two ops is refused at conversion (:func:`_needs_torchvision`).
+    graph with one of those two ops is refused at conversion.
     """
     try:
         import onnx2torch
@@ -146,7 +146,13 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
         o2t = _import_onnx2torch()
     except Exception as exc:  # noqa: BLE001 - not installed, or broken: said once, the other knobs go on
         return None, f"onnx2torch cannot be imported ({type(exc).__name__}: {exc}); install it with pip install onnx2torch"
-    version = getattr(o2t, "__version__", "")
+    try:
+        from importlib.metadata import version as dist_version
+
+        version = dist_version("onnx2torch")
+    except Exception:  # noqa: BLE001 - metadata missing (a source checkout): the name alone
+        version = ""
+    version = f"onnx2torch {version}".strip()
     if getattr(o2t, "_autosearch_no_torchvision", False):
         needs = sorted({n.op_type for n in model.graph.node if n.op_type in ("NonMaxSuppression", "RoiAlign")})
         if needs:
@@ -163,9 +169,9 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
         if m:
             op, opset = m.groups()
             node = next((n.name for n in model.graph.node if n.op_type == op), "")
-            return None, (f"onnx2torch {version} cannot convert op {op} (opset {opset}"
+            return None, (f"{version} cannot convert op {op} (opset {opset}"
                           + (f", node {node!r}" if node else "") + ")")
-        return None, f"onnx2torch {version} failed to convert the graph: {type(exc).__name__}: {text[:300]}"
+        return None, f"{version} failed to convert the graph: {type(exc).__name__}: {text[:300]}"
     module.eval()
     example = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in input_names)
     so = ort.SessionOptions()
@@ -175,7 +181,7 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
         with torch.no_grad():
             out = module(*example)
     except Exception as exc:  # noqa: BLE001 - a converted op that fails to run: the reason, once
-        return None, f"the module onnx2torch {version} made from the graph fails to run: {type(exc).__name__}: {str(exc)[:300]}"
+        return None, f"the module {version} made from the graph fails to run: {type(exc).__name__}: {str(exc)[:300]}"
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     if len(outs) != len(ref):
         return None, f"the converted module returns {len(outs)} output(s), the graph {len(ref)}"
@@ -263,7 +269,8 @@ def safe_units(conv: ConvertedOnnx, units: Sequence[Any]) -> tuple[list[Any], li
     ok: list[Any] = []
     bad: list[str] = []
     for u in units:
-        starts = [by_module[m.split(".")[0]] for m in u.modules if m.split(".")[0] in by_module]
+        cut = u.producers or (u.name,)  # the layers whose outputs lose channels
+        starts = [by_module[m.split(".")[0]] for m in cut if m.split(".")[0] in by_module]
         seen: set[Any] = set()
         stack = list(starts)
         unsafe = False
