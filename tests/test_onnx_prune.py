@@ -256,3 +256,19 @@ def test_short_search_on_onnx_only_residual_cnn_prunes(res_onnx: Path, tmp_path:
     for t in pruned:
         built = onnx.load(t.user_attrs["onnx_path"])
         assert _weight_elems(built) < _weight_elems(onnx.load(str(res_onnx)))
+
+
+def test_a_study_made_before_onnx_pruning_resumes_without_prune_units(res_onnx: Path, tmp_path: Path, fast_target,
+                                                                      capsys) -> None:
+    """A study of an ONNX model whose space names prune recorded no prune unit; resumed now, it goes on as it was made."""
+    from autosearch import search
+
+    space, ev = str(_space(tmp_path, 2)), FidelityEvaluator(_feeds(16, 6))
+    kw = {"space": space, "target": fast_target, "study_name": "old", "studies_dir": tmp_path / "studies"}
+    first = search(import_model(str(res_onnx), convert_onnx=False), ev, verbose=False, **kw)  # as before: no prune units
+    assert first.meta["units"]["prune"] == []
+    again = search(str(res_onnx), ev, verbose=True, **kw)
+    assert "goes on without the" in capsys.readouterr().out
+    done = [t for t in again.optuna_study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and not any(t.user_attrs["candidate"].get("prune") for t in done)
+    assert not any(k.endswith(".prune") for t in done for k in t.params)
