@@ -272,3 +272,36 @@ def test_a_study_made_before_onnx_pruning_resumes_without_prune_units(res_onnx: 
     done = [t for t in again.optuna_study.trials if t.state.name == "COMPLETE"]
     assert len(done) == 4 and not any(t.user_attrs["candidate"].get("prune") for t in done)
     assert not any(k.endswith(".prune") for t in done for k in t.params)
+
+
+def test_edit_module_on_a_converted_model_writes_weights_back(res_source, tmp_path: Path) -> None:
+    """A plug-in's edit of the converted module reaches the candidate's graph; replacing a layer is refused."""
+    from autosearch.build import BuildState
+    from autosearch.errors import CandidateError
+
+    src = res_source
+    assert src.trainable
+    fc = next(n.name for n in src.onnx_model.graph.node if n.op_type == "Gemm")
+
+    def zero_fc(module: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            module.get_submodule(src.converted.path_of(fc)).weight.zero_()
+        return module
+
+    state = BuildState(src, Candidate(), tmp_path, units={}, calibration=_feeds(8, 1))
+    state.edit_module(zero_fc)
+    built = state.proto
+    w = {t.name: numpy_helper.to_array(t) for t in built.graph.initializer}
+    node = next(n for n in built.graph.node if n.name == fc)
+    assert not w[node.input[1]].any()
+    out = _session(built).run(None, _feeds(1, 2)[0])[0]
+    assert np.allclose(out, w[node.input[2]])  # only the bias is left
+
+    def replace_fc(module: nn.Module) -> nn.Module:
+        setattr(module, src.converted.path_of(fc), nn.Sequential(nn.Linear(32, 4), nn.Linear(4, 10)))
+        return module
+
+    state = BuildState(src, Candidate(), tmp_path / "r", units={}, calibration=_feeds(8, 1))
+    state.edit_module(replace_fc)
+    with pytest.raises(CandidateError, match="was replaced"):
+        state.proto  # noqa: B018 - reading it runs the edits

@@ -370,12 +370,16 @@ def write_back(model: onnx.ModelProto, conv: ConvertedOnnx, module: Any) -> onnx
             sub = module.get_submodule(top)
         except AttributeError:
             raise CandidateError(f"the edited module has no layer {top!r} (node {node.name!r}) any more") from None
+        orig = original.get_submodule(top)
+        if [type(m) for m in sub.modules()] != [type(m) for m in orig.modules()]:
+            raise CandidateError(f"layer {top!r} (node {node.name!r}) was replaced by a {type(sub).__name__}: an edit of a "
+                                 "module converted from ONNX may change its layers' widths and weights, not the layers")
         leaf = next((c for c in sub.children() if _leaf_kind(c)), sub) if _is_seq(sub) else sub
         kind = _leaf_kind(leaf)
         if kind is None:
             now = dict(sub.named_parameters())
             if now:
-                before = dict(original.get_submodule(top).named_parameters())
+                before = dict(orig.named_parameters())
                 if any(p not in before or before[p].shape != t.shape or not torch.equal(before[p], t) for p, t in now.items()):
                     raise CandidateError(f"layer {top!r} ({type(sub).__name__}, node {node.name!r}) changed and cannot be "
                                          "written back into the ONNX graph")
