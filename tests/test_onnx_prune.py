@@ -305,3 +305,24 @@ def test_edit_module_on_a_converted_model_writes_weights_back(res_source, tmp_pa
     state.edit_module(replace_fc)
     with pytest.raises(CandidateError, match="was replaced"):
         state.proto  # noqa: B018 - reading it runs the edits
+
+
+def test_a_converted_module_that_computes_otherwise_is_refused_with_its_difference() -> None:
+    """Resize nearest with align_corners: onnx2torch maps it to torch's floor/asymmetric nearest, which picks other pixels."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([], np.float32), "roi"),
+             numpy_helper.from_array(np.array([], np.float32), "scales"),
+             numpy_helper.from_array(np.array([1, 8, 6, 6], np.int64), "sizes")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Resize", ["c", "roi", "scales", "sizes"], ["y"], name="resize", mode="nearest",
+                              coordinate_transformation_mode="align_corners")]
+    graph = helper.make_graph(nodes, "rs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = import_model(model)
+    assert not src.trainable
+    assert "differs from ONNX Runtime by" in (src.not_trainable_reason or "") and "'y'" in (src.not_trainable_reason or "")
+    units, notes = knob("prune").find_units(src)
+    assert units == [] and "differs from ONNX Runtime" in notes[0]
