@@ -1,7 +1,9 @@
 """Build a candidate: prune -> low-rank -> recover -> export ONNX -> quantize.
 
 Structural changes (pruning, low-rank) are made on a copy of the torch module
-and re-exported; ONNX-only models get low-rank on the graph itself.
+and re-exported; ONNX-only models get low-rank on the graph itself, and their
+pruning is made on the module converted from the graph
+(:mod:`autosearch.transforms.onnx_torch`) and written back into the graph.
 Quantization is ONNX Runtime's own quantizer: static QDQ with calibration
 (``quantize_static``) or dynamic (``quantize_dynamic``); per-unit precision is
 set by excluding float units' nodes and, for 16 bits (and 4-bit convs), by the
@@ -437,9 +439,12 @@ class BuildState:
             self._structural.setdefault(k, {}).update(v)
 
     def edit_module(self, fn: Callable[[Any], Any]) -> None:
-        """Queue ``fn(module) -> module`` on the PyTorch copy (before the recovery and the export)."""
-        if self.source.origin != "torch":
-            raise ConfigError("this knob edits the PyTorch model, and this study was given an ONNX file")
+        """Queue ``fn(module) -> module`` on the PyTorch copy (before the recovery and the export).
+
+        For an ONNX model the copy is the module converted from the graph, and the edited weights are
+        written back into the graph: an edit may change the layers' widths and values, not replace them."""
+        if not self.source.trainable:
+            raise ConfigError(f"this knob edits the PyTorch model, and this ONNX model has none: {self.source.not_trainable_reason}")
         self._module_edits.append(fn)
 
     def flush(self) -> None:
@@ -574,9 +579,18 @@ def _structural(source: SourceModel, recovery: Mapping[str, Any], edits: Mapping
     rec = RecoverySetting.of(recovery)
     feeds = calibration[: rec.calibration_samples]
     names = source.input_names
-    assert source.torch_example is not None  # structural edits come only for origin "torch", which sets it
+    if not source.trainable:
+        raise ConfigError(f"structural edits need a PyTorch model: {source.not_trainable_reason}")
+    assert source.torch_example is not None  # set with the module (import or conversion)
     cal_batches = [tuple(torch.from_numpy(b[n]) for n in names) for b in batch_feeds(feeds, 32)]
     module = source.torch_module
+    conv = source.converted
+    prune = {u: p for u, p in edits.get("prune", {}).items() if p > 0}
+    if conv is not None:  # an ONNX model: units are node names, the module's layers are named after them
+        unknown = [u for u in prune if u not in conv.module_of_node]
+        if unknown:
+            raise ConfigError(f"prune: unknown unit {unknown[0]!r}: this ONNX model has no node of that name")
+        prune = {conv.path_of(u): p for u, p in prune.items()}
     try:
         for fn in module_edits:
             import copy
@@ -585,7 +599,7 @@ def _structural(source: SourceModel, recovery: Mapping[str, Any], edits: Mapping
         module = apply_structural(
             module,
             source.torch_example,
-            prune={u: p for u, p in edits.get("prune", {}).items() if p > 0},
+            prune=prune,
             rank={u: r for u, r in edits.get("rank", {}).items() if r < 1},
             calibration=cal_batches,
             recalibrate_bn=rec.bn_recalibration,
@@ -597,6 +611,10 @@ def _structural(source: SourceModel, recovery: Mapping[str, Any], edits: Mapping
         raise
     except Exception as exc:
         raise CandidateError(f"structural transform failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
+    if conv is not None:
+        from autosearch.transforms.onnx_torch import write_back
+
+        return write_back(source.onnx_model, conv, module)
     path = export_onnx(module, source.torch_example, out_dir / "structural.onnx", input_names=names, output_names=source.output_names)
     proto = onnx.load(str(path))
     path.unlink(missing_ok=True)

@@ -69,6 +69,8 @@ def _add_problem(s: argparse.ArgumentParser) -> None:
                    "band of channels on one scale, so box pixels cannot hide class scores), cosine, top1 (argmax agreement), "
                    "decision (same side of 0.5), or package.module:function taking (outputs, reference) -> float")
     s.add_argument("--space", default=None, help="preset name (cnn, quant) or YAML path (default: cnn for the default model, quant for ONNX)")
+    s.add_argument("--no-convert-onnx", action="store_true",
+                   help="do not convert an ONNX model to PyTorch (onnx2torch) to prune it: the prune knob then has no units")
     s.add_argument("--study", default="autosearch", help="study name (default: %(default)s)")
     s.add_argument("--n-trials", type=int, default=None, help="trials to run now (default: the space's budget)")
     s.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
@@ -288,6 +290,8 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
     spec.update(threads=args.threads, provider=getattr(args, "provider", "CPUExecutionProvider"))
     if getattr(args, "profiler", None):
         spec["profiler"] = args.profiler
+    if getattr(args, "no_convert_onnx", False):
+        spec["convert_onnx"] = False
     if getattr(args, "also_target", None):
         spec["also"] = [_target_spec(t) for t in args.also_target]
     if _strategy(args):
@@ -304,6 +308,10 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
     from autosearch.study import search
 
     model, evaluator, example = load_problem(spec)
+    if spec.get("convert_onnx") is False and spec.get("kind") == "onnx":
+        from autosearch.model import import_model
+
+        model = import_model(model, example, convert_onnx=False)
     space = load_space(spec.get("space"))
     if spec.get("strategy"):
         space = space.with_strategy(**spec["strategy"])

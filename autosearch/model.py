@@ -324,7 +324,10 @@ class SourceModel:
         torch_module: A private copy of the user's module, or ``None`` for ONNX-only models.
         torch_example: The example inputs as tensors (torch models only).
         fingerprint: Content hash of the float ONNX; a resumed study must match it.
-        origin: ``"torch"`` or ``"onnx"``.
+        origin: ``"torch"`` or ``"onnx"``: where the units' names come from (module paths or node names).
+        convert_onnx: For an ONNX model: whether it may be converted to a torch module (``onnx2torch``)
+            when a knob needs one (pruning and its recovery); see :attr:`trainable`.
+        converted: The conversion (:class:`autosearch.transforms.onnx_torch.ConvertedOnnx`), once made.
     """
 
     onnx_model: onnx.ModelProto
@@ -337,7 +340,39 @@ class SourceModel:
     output_names: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     batchable: bool = False
+    convert_onnx: bool = True
+    converted: Any = field(default=None, repr=False)
     _upgraded: dict[int, onnx.ModelProto] = field(default_factory=dict, repr=False)
+    _not_trainable: str | None = field(default=None, repr=False)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether there is a torch module to prune and train (:attr:`torch_module`).
+
+        A torch model always; an ONNX model once converted with ``onnx2torch`` and checked
+        against ONNX Runtime, done here the first time it is asked (``convert_onnx=False`` skips
+        it). :attr:`not_trainable_reason` says why not.
+        """
+        if self.torch_module is not None:
+            return True
+        if self.origin != "onnx" or self._not_trainable is not None:
+            return False
+        if not self.convert_onnx:
+            self._not_trainable = "conversion of the ONNX model to PyTorch is turned off (convert_onnx=False)"
+            return False
+        from autosearch.transforms.onnx_torch import convert_onnx
+
+        conv, why = convert_onnx(self.onnx_model, self.example_feed, self.input_names)
+        if conv is None:
+            self._not_trainable = why or "the ONNX model could not be converted to PyTorch"
+            return False
+        self.converted, self.torch_module, self.torch_example = conv, conv.module, conv.example
+        return True
+
+    @property
+    def not_trainable_reason(self) -> str | None:
+        """Why :attr:`trainable` is false (``None`` when it is true or was not asked yet)."""
+        return None if self.torch_module is not None else self._not_trainable
 
     def input_batch_fixed(self) -> int | None:
         """The fixed batch size of the first input, or ``None`` when it is symbolic."""
@@ -412,21 +447,27 @@ def check_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, what: str
             )
 
 
-def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path | None = None) -> SourceModel:
+def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path | None = None,
+                 convert_onnx: bool = True) -> SourceModel:
     """Import a ``torch.nn.Module`` (with example inputs), an ONNX path/ModelProto, or a Keras / TensorFlow model.
 
     Args:
-        model: ``nn.Module``, path to an ``.onnx`` file, an ``onnx.ModelProto``, or (with the ``[tensorflow]``
-            extra) a ``keras.Model``, a ``.keras``/``.h5`` file or a SavedModel folder, converted to ONNX by
-            :mod:`autosearch.keras_import` and checked against TensorFlow first.
+        model: ``nn.Module``, path to an ``.onnx`` file, an ``onnx.ModelProto`` (a :class:`SourceModel` is
+            returned as it is), or (with the ``[tensorflow]`` extra) a ``keras.Model``, a ``.keras``/``.h5`` file
+            or a SavedModel folder, converted to ONNX by :mod:`autosearch.keras_import` and checked against
+            TensorFlow first.
         example_inputs: One batch of input; required for modules, optional for ONNX and Keras
             (random data of the graph's static shape is used, batch 1 where symbolic).
         workdir: Unused today; reserved for external-data models.
+        convert_onnx: An ONNX model may be converted to PyTorch (``onnx2torch``) when pruning
+            needs it (:attr:`SourceModel.trainable`); ``False`` keeps it ONNX-only.
 
     Raises:
         ConfigError: missing/unreadable file, missing example inputs, shape mismatch.
     """
     del workdir
+    if isinstance(model, SourceModel):
+        return model
     from autosearch.keras_import import is_keras_source
 
     converted_notes: list[str] = []
@@ -491,7 +532,7 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
         check_feed(proto, feed, what="example input")
         if any(n.startswith("folded") for n in notes):
             proto, notes = _keep_if_equal(original, proto, notes, feed)
-        src = SourceModel(proto, feed, origin="onnx", notes=converted_notes + notes)
+        src = SourceModel(proto, feed, origin="onnx", notes=converted_notes + notes, convert_onnx=convert_onnx)
     src.fingerprint = _fingerprint(src.onnx_model)
     src.input_names = [i.name for i in graph_inputs(src.onnx_model)]
     src.output_names = [o.name for o in src.onnx_model.graph.output]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from autosearch.candidate import Candidate
+from autosearch.candidate import Candidate, SpaceUnits
 from autosearch.errors import CandidateError, ConfigError, StudyMismatchError
 from autosearch.evaluate import Evaluator, default_evaluator, evaluator_fingerprint
 from autosearch.model import import_model
@@ -764,6 +764,7 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
             if old:
                 _check_same(old, meta, study_name, url)
                 meta["sampler"] = old["sampler"]
+                ctx.units = _recorded_units(ctx, old.get("units"))
                 if "evaluator_fingerprint" not in old:  # made before fingerprints were recorded: record it now
                     ctx.say("[autosearch] note: this study did not record its evaluator's data, so it cannot be checked; "
                             "recorded now (its cached candidates are measured again)")
@@ -784,6 +785,23 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
         if cli_spec is not None and not ost.user_attrs.get("cli_spec"):
             ost.set_user_attr("cli_spec", dict(cli_spec))
     return ost, n_done, stor, seed
+
+
+def _recorded_units(ctx: SearchContext, recorded: Any) -> Any:
+    """The units a resumed study goes on with: a knob that had no unit when the study was made keeps none.
+
+    A study of an ONNX model made before ONNX models could be pruned recorded no prune unit; resumed
+    now, the model has some. Its trials and the sampler's history know none of them, so the study goes
+    on as it was made (a new study name searches them)."""
+    if not isinstance(recorded, Mapping):
+        return ctx.units
+    gone = [k for k, v in ctx.units.items() if v and k in recorded and not recorded[k]]
+    if not gone:
+        return ctx.units
+    for k in gone:
+        ctx.say(f"[autosearch] note: this study was made when knob {k!r} had no unit in this model; it goes on without "
+                f"the {len(ctx.units[k])} {k} unit(s) found now (search them under a new study name)")
+    return SpaceUnits({k: (() if k in gone else v) for k, v in ctx.units.items()})
 
 
 def _floor(sp: SearchSpace, base_acc: float) -> float | None:

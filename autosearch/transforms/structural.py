@@ -74,6 +74,8 @@ class StructuralUnit:
             ``"lowrank"`` units the full rank ``min(out, in)``.
         modules: Module paths whose weights change when this unit changes.
         params: Number of parameters in those modules.
+        producers: The convs and linears among ``modules`` whose outputs are cut (a dependency group;
+            the others lose inputs).
     """
 
     name: str
@@ -81,6 +83,7 @@ class StructuralUnit:
     width: int
     modules: tuple[str, ...]
     params: int
+    producers: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- #
@@ -438,6 +441,7 @@ def _build_groups(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], sk
                 width=width,
                 modules=tuple(members),
                 params=_param_count(model.get_submodule(n) for n in members),
+                producers=tuple(producers),
             )
         )
         roots[unit_name] = root_dep.target.module

@@ -1,0 +1,328 @@
+"""Pruning and its recovery for models given only as ONNX (converted with onnx2torch, written back into the graph)."""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from autosearch.analysis import quant_units
+from autosearch.build import build_candidate
+from autosearch.candidate import Candidate
+from autosearch.evaluate import FidelityEvaluator
+from autosearch.knobs import knob
+from autosearch.model import import_model
+
+
+class _ResCNN(nn.Module):
+    """Two residual stages: each Add couples the channels of the conv before it with the branch it skips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.b1(x))
+        x = self.down(x)
+        x = torch.relu(x + self.b2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def res_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The residual CNN as an ONNX file only (BatchNorm statistics set by a few batches, then exported)."""
+    torch.manual_seed(0)
+    model = _ResCNN()
+    model.train()
+    with torch.no_grad():
+        for _ in range(8):
+            model(torch.randn(16, 3, 16, 16))
+    model.eval()
+    path = tmp_path_factory.mktemp("res") / "res.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def res_source(res_onnx: Path):
+    return import_model(str(res_onnx))
+
+
+def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def _first_conv_above(model: onnx.ModelProto, value: str) -> onnx.NodeProto:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer[value]
+    while node.op_type != "Conv":
+        node = producer[node.input[0]]
+    return node
+
+
+def _weight_elems(model: onnx.ModelProto) -> int:
+    inits = {t.name: t for t in model.graph.initializer}
+    return sum(int(np.prod(inits[n.input[1]].dims)) for n in model.graph.node
+               if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits)
+
+
+def _build(source, cand: Candidate, out: Path) -> onnx.ModelProto:
+    units = {k.name: tuple(k.find_units(source)[0]) for k in (knob("prune"), knob("rank"), knob("bits"))}
+    res = build_candidate(source, cand, out, calibration=_feeds(32, 1), units=units)
+    return onnx.load(str(res.path))
+
+
+def test_residual_add_couples_both_branches_into_one_unit(res_source, tmp_path: Path) -> None:
+    src = res_source
+    assert src.origin == "onnx" and src.torch_module is None  # nothing converted before a knob asks
+    assert src.trainable and src.converted is not None and src.converted.max_diff <= 1e-4
+    units, notes = knob("prune").find_units(src)
+    assert units and not notes
+    layers = knob("prune").unit_layers(src)
+    g = src.onnx_model.graph
+    convs = {n.name for n in g.node if n.op_type == "Conv"}
+    assert set(units) <= convs  # units are the original ONNX node names
+    adds = [n for n in g.node if n.op_type == "Add"]
+    assert len(adds) == 2
+    producer = {o: n for n in g.node for o in n.output}
+    coupled = []
+    for add in adds:
+        a, b = (producer[i] for i in add.input)
+        before = a if a.op_type == "Conv" else b  # the branch's last conv feeds the Add directly
+        skip = _first_conv_above(src.onnx_model, (b if before is a else a).output[0])  # the skip starts at this conv
+        # one unit holds both convs whose outputs the Add sums; the conv before the Add is no unit of its own
+        owner = [u for u, ls in layers.items() if before.name in ls and skip.name in ls]
+        assert owner == [skip.name] and before.name not in units, (owner, layers)
+        coupled.append((owner[0], before.name, skip.name))
+    # pruning that unit shrinks both branches of the Add alike, and the graph runs in ONNX Runtime
+    unit, before, skip = coupled[0]
+    built = _build(src, Candidate(prune={unit: 0.5}, recovery={"distill_steps": 0}), tmp_path / "c")
+    inits = {t.name: t for t in built.graph.initializer}
+    by_name = {n.name: n for n in built.graph.node}
+    assert {c: inits[by_name[c].input[1]].dims[0] for c in (before, skip)} == {before: 8, skip: 8}
+    assert [n.name for n in built.graph.node] == [n.name for n in g.node]  # written back: same nodes, same names
+    out = _session(built).run(None, _feeds(1, 2)[0])[0]
+    assert out.shape == (1, 10) and np.isfinite(out).all()
+
+
+def test_pruned_candidate_has_fewer_weights_and_flops(res_source, tmp_path: Path) -> None:
+    src = res_source
+    units, _ = knob("prune").find_units(src)
+    built = _build(src, Candidate(prune={u: 0.5 for u in units}, recovery={"distill_steps": 0}), tmp_path / "c")
+    w0, w1 = _weight_elems(src.onnx_model), _weight_elems(built)
+    f0 = sum(u.flops for u in quant_units(src.onnx_model, post=False))
+    f1 = sum(u.flops for u in quant_units(built, post=False))
+    assert w1 < 0.5 * w0, (w0, w1)
+    assert 0 < f1 < 0.5 * f0, (f0, f1)
+
+
+def test_distillation_raises_fidelity_of_a_pruned_onnx_model(res_source, tmp_path: Path) -> None:
+    src = res_source
+    units, _ = knob("prune").find_units(src)
+    ev = FidelityEvaluator(_feeds(64, 3), metric="cosine")
+    ev.prepare(_session(src.onnx_model))
+    scores = {}
+    for steps in (0, 150):
+        cand = Candidate(prune={u: 0.5 for u in units},
+                         recovery={"distill_steps": steps, "reconstruct": False, "distill_lr": 3e-3})
+        scores[steps] = ev(_session(_build(src, cand, tmp_path / f"d{steps}")))
+    assert scores[150] > scores[0] + 0.01, scores
+
+
+def test_prune_and_rank_in_one_candidate(res_source, tmp_path: Path) -> None:
+    src = res_source
+    prune_units, _ = knob("prune").find_units(src)
+    rank_units, _ = knob("rank").find_units(src)
+    assert rank_units == [n.name for n in src.onnx_model.graph.node if n.op_type == "Gemm"]
+    cand = Candidate(prune={prune_units[-1]: 0.5}, rank={rank_units[0]: 0.25}, bits={u: 8 for u in knob("bits").find_units(src)[0]},
+                     recovery={"distill_steps": 0}, quant={"mode": "static"})
+    built = _build(src, cand, tmp_path / "c")
+    ops = [n.op_type for n in built.graph.node]
+    assert "QuantizeLinear" in ops
+    assert any(n.name.startswith(f"{rank_units[0]}/lowrank") for n in built.graph.node)
+    out = _session(built).run(None, _feeds(1, 2)[0])[0]
+    assert out.shape == (1, 10) and np.isfinite(out).all()
+
+
+def _maxpool_onnx(path: Path) -> Path:
+    """Conv -> Relu -> GlobalMaxPool -> Flatten -> Gemm: onnx2torch 1.5.15 has no converter for GlobalMaxPool."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(16, np.float32), "b")
+    fw = numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32), "fw")
+    fb = numpy_helper.from_array(np.zeros(10, np.float32), "fb")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalMaxPool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "gmp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], [w, b, fw, fb])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _space(tmp_path: Path, n_trials: int) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        knobs:
+          prune: [0.0, 0.5]
+          rank: [1.0, 0.5]
+          bits: [32, 8]
+        quantization:
+          mode: [static]
+          calibration_samples: 16
+        recovery:
+          calibration_samples: 32
+          distill_steps: [0, 20]
+        strategy:
+          analysis: false
+        budget:
+          n_trials: {n_trials}
+        sampler:
+          name: random
+          seed: 1
+    """))
+    return p
+
+
+def test_unconvertible_op_keeps_bits_and_rank_and_says_why_once(tmp_path: Path, fast_target, capsys) -> None:
+    from autosearch import search
+
+    path = _maxpool_onnx(tmp_path / "gmp.onnx")
+    src = import_model(str(path))
+    assert not src.trainable and "GlobalMaxPool" in (src.not_trainable_reason or "")
+    study = search(str(path), FidelityEvaluator(_feeds_gmp(16)), space=str(_space(tmp_path, 3)), target=fast_target,
+                   study_name="gmp", studies_dir=tmp_path / "studies", verbose=True)
+    printed = capsys.readouterr().out
+    assert printed.count("GlobalMaxPool") == 1, printed
+    assert "prune knob skipped" in printed
+    assert study.meta["units"]["prune"] == [] and study.meta["units"]["bits"] and study.meta["units"]["rank"] == ["fc"]
+    done = [t for t in study.optuna_study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 3
+
+
+def _feeds_gmp(n: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    return [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def test_conversion_can_be_turned_off(res_onnx: Path) -> None:
+    src = import_model(str(res_onnx), convert_onnx=False)
+    units, notes = knob("prune").find_units(src)
+    assert units == [] and "convert_onnx=False" in notes[0]
+    assert knob("rank").find_units(src)[0]  # the graph's own low-rank is still there
+
+
+def test_short_search_on_onnx_only_residual_cnn_prunes(res_onnx: Path, tmp_path: Path, fast_target) -> None:
+    from autosearch import search
+
+    study = search(str(res_onnx), FidelityEvaluator(_feeds(32, 4)), space=str(_space(tmp_path, 5)), target=fast_target,
+                   study_name="res", studies_dir=tmp_path / "studies", verbose=False)
+    assert study.meta["units"]["prune"]
+    done = [t for t in study.optuna_study.trials if t.state.name == "COMPLETE"]
+    pruned = [t for t in done if t.user_attrs["candidate"].get("prune")]
+    assert len(done) == 5 and pruned, [t.user_attrs.get("fail_reason") for t in study.optuna_study.trials]
+    for t in pruned:
+        built = onnx.load(t.user_attrs["onnx_path"])
+        assert _weight_elems(built) < _weight_elems(onnx.load(str(res_onnx)))
+
+
+def test_a_study_made_before_onnx_pruning_resumes_without_prune_units(res_onnx: Path, tmp_path: Path, fast_target,
+                                                                      capsys) -> None:
+    """A study of an ONNX model whose space names prune recorded no prune unit; resumed now, it goes on as it was made."""
+    from autosearch import search
+
+    space, ev = str(_space(tmp_path, 2)), FidelityEvaluator(_feeds(16, 6))
+    kw = {"space": space, "target": fast_target, "study_name": "old", "studies_dir": tmp_path / "studies"}
+    first = search(import_model(str(res_onnx), convert_onnx=False), ev, verbose=False, **kw)  # as before: no prune units
+    assert first.meta["units"]["prune"] == []
+    again = search(str(res_onnx), ev, verbose=True, **kw)
+    assert "goes on without the" in capsys.readouterr().out
+    done = [t for t in again.optuna_study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and not any(t.user_attrs["candidate"].get("prune") for t in done)
+    assert not any(k.endswith(".prune") for t in done for k in t.params)
+
+
+def test_edit_module_on_a_converted_model_writes_weights_back(res_source, tmp_path: Path) -> None:
+    """A plug-in's edit of the converted module reaches the candidate's graph; replacing a layer is refused."""
+    from autosearch.build import BuildState
+    from autosearch.errors import CandidateError
+
+    src = res_source
+    assert src.trainable
+    fc = next(n.name for n in src.onnx_model.graph.node if n.op_type == "Gemm")
+
+    def zero_fc(module: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            module.get_submodule(src.converted.path_of(fc)).weight.zero_()
+        return module
+
+    state = BuildState(src, Candidate(), tmp_path, units={}, calibration=_feeds(8, 1))
+    state.edit_module(zero_fc)
+    built = state.proto
+    w = {t.name: numpy_helper.to_array(t) for t in built.graph.initializer}
+    node = next(n for n in built.graph.node if n.name == fc)
+    assert not w[node.input[1]].any()
+    out = _session(built).run(None, _feeds(1, 2)[0])[0]
+    assert np.allclose(out, w[node.input[2]])  # only the bias is left
+
+    def replace_fc(module: nn.Module) -> nn.Module:
+        setattr(module, src.converted.path_of(fc), nn.Sequential(nn.Linear(32, 4), nn.Linear(4, 10)))
+        return module
+
+    state = BuildState(src, Candidate(), tmp_path / "r", units={}, calibration=_feeds(8, 1))
+    state.edit_module(replace_fc)
+    with pytest.raises(CandidateError, match="was replaced"):
+        state.proto  # noqa: B018 - reading it runs the edits
+
+
+def test_a_converted_module_that_computes_otherwise_is_refused_with_its_difference() -> None:
+    """Resize nearest with align_corners: onnx2torch maps it to torch's floor/asymmetric nearest, which picks other pixels."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([], np.float32), "roi"),
+             numpy_helper.from_array(np.array([], np.float32), "scales"),
+             numpy_helper.from_array(np.array([1, 8, 6, 6], np.int64), "sizes")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Resize", ["c", "roi", "scales", "sizes"], ["y"], name="resize", mode="nearest",
+                              coordinate_transformation_mode="align_corners")]
+    graph = helper.make_graph(nodes, "rs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = import_model(model)
+    assert not src.trainable
+    assert "differs from ONNX Runtime by" in (src.not_trainable_reason or "") and "'y'" in (src.not_trainable_reason or "")
+    units, notes = knob("prune").find_units(src)
+    assert units == [] and "differs from ONNX Runtime" in notes[0]
