@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -41,6 +42,25 @@ def _counts(url: str) -> dict[str, int]:
         out[t.state.name] = out.get(t.state.name, 0) + 1
     out["retried"] = sum(1 for t in st.get_trials(deepcopy=False) if "failed_trial" in t.system_attrs)
     return out
+
+
+def _artifacts(study: Any) -> tuple[int, list[str]]:
+    """Finished trials whose artifact id resolves to a loadable ONNX file, and the others (with why)."""
+    import onnx
+
+    whole, broken = 0, []
+    for t in study.optuna_study.get_trials(deepcopy=False):
+        if t.state.name != "COMPLETE":
+            continue
+        if not t.user_attrs.get("artifact_id"):
+            broken.append(f"trial {t.number}: no artifact_id")
+            continue
+        try:
+            onnx.load(str(study.model_path(t)))
+            whole += 1
+        except Exception as exc:  # noqa: BLE001 - any failure to read it back is what this counts
+            broken.append(f"trial {t.number}: {type(exc).__name__}: {str(exc)[:80]}")
+    return whole, broken
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         end = _counts(url)
         from autosearch import Study
 
-        front = Study.load("faults", url, studies_dir=work / "studies").front()
+        study = Study.load("faults", url, studies_dir=work / "studies")
+        front = study.front()
+        whole, broken = _artifacts(study)
     lost_total = sum(r[5] for r in rows)
     lines = [
         "",
@@ -98,14 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         (f"Then a last run of 5 trials (exit {final.returncode}): {end.get('COMPLETE', 0)} finished, "
          f"{end.get('FAIL', 0)} failed (the trials the kills interrupted, marked by the heartbeat), "
          f"{end.get('RUNNING', 0)} still RUNNING, {end.get('retried', 0)} retried; lost in all: {lost_total}; "
-         f"final front: {len(front)} trial(s)."),
+         f"final front: {len(front)} trial(s). Artifacts: {whole} finished trial(s) whose `artifact_id` names a whole "
+         f"ONNX file (read back and loaded with `onnx.load`), {len(broken)} that do not"
+         + (f" ({'; '.join(broken[:3])})" if broken else "") + "."),
     ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         with open(args.out, "a") as fh:
             fh.write(text)
-    return 0 if lost_total == 0 and end.get("RUNNING", 0) == 0 else 1
+    return 0 if lost_total == 0 and end.get("RUNNING", 0) == 0 and not broken else 1
 
 
 if __name__ == "__main__":
