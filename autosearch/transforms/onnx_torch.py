@@ -90,6 +90,9 @@ class ConvertedOnnx:
         module_of_node: ONNX node name -> name of its submodule (``"/a/b.c/Conv"`` -> ``"a/b/c/Conv"``).
         seconds: Time taken by the conversion and the parity check.
         max_diff: Largest output difference from ONNX Runtime, relative to the output's scale.
+        linears: ``MatMul`` nodes by a constant ``[in, out]`` weight made into an ``nn.Linear``
+            (:func:`_linearize_matmuls`) -> the ``(Add node, input index)`` of the bias folded into
+            it, or ``None``. A folded ``Add`` has no submodule (it is not in :attr:`module_of_node`).
     """
 
     module: Any
@@ -97,6 +100,7 @@ class ConvertedOnnx:
     module_of_node: dict[str, str]
     seconds: float = 0.0
     max_diff: float = 0.0
+    linears: dict[str, tuple[str, int] | None] = field(default_factory=dict)
     node_of_module: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +131,118 @@ def _module_names(model: onnx.ModelProto) -> dict[str, str]:
         counters[base] = k + 1
         out[node.name] = base + (f"_{k}" if k else "")
     return out
+
+
+def _attr_tensor(gm: Any, n: Any) -> Any:
+    """The tensor a ``get_attr`` node reads (a buffer or parameter), or None."""
+    owner, _, attr = n.target.rpartition(".")
+    try:
+        t = getattr(gm.get_submodule(owner) if owner else gm, attr)
+    except AttributeError:
+        return None
+    import torch
+
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[str, str],
+                       example: tuple[Any, ...]) -> dict[str, tuple[str, int] | None]:
+    """Make each ``MatMul(x, W)`` by a constant 2-D weight an ``nn.Linear``, folding a following bias ``Add``.
+
+    onnx2torch converts ``MatMul`` to ``OnnxMatMul(x, w)`` whose second operand is a ``get_attr`` of
+    the initializer (a buffer of ``gm.initializers``): torch-pruning cannot cut it, so no channel group
+    could reach it. The submodule of such a node (same name) becomes ``nn.Linear(in, out)`` holding
+    ``W.T``; ``x`` may have any rank (a ``[batch, seq, in]`` input included). When the MatMul's only
+    consumer is an ``Add`` of an initializer of ``out`` values (shape ``[out]``, or ``[1, .., out]`` of
+    no higher rank than the product's), that is the Linear's bias and the ``Add`` is bypassed and
+    removed. What Keras ``Dense`` layers (tf2onnx) and transformer projections are exported as.
+
+    Returns:
+        MatMul node name -> ``(Add node name, index of the bias among its inputs)`` or ``None``.
+    """
+    import torch
+    from torch import nn
+
+    inits = {t.name for t in model.graph.initializer}
+    onnx_nodes = {n.name: n for n in model.graph.node}
+    node_of = {m: n for n, m in module_of_node.items()}
+    rank: dict[Any, int] = {}
+    try:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example)
+        for n in gm.graph.nodes:
+            meta = n.meta.get("tensor_meta")
+            if meta is not None and hasattr(meta, "shape"):
+                rank[n] = len(meta.shape)
+    except Exception:  # noqa: BLE001 - no ranks: only 1-D biases are folded
+        rank = {}
+    for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)
+        n.meta.pop("type", None)
+    const = _constant_nodes(gm)
+    done: dict[str, tuple[str, int] | None] = {}
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or n.kwargs or len(n.args) != 2:
+            continue
+        name = node_of.get(n.target, "")
+        onode = onnx_nodes.get(name)
+        if onode is None or onode.op_type != "MatMul" or len(onode.input) != 2 or onode.input[1] not in inits:
+            continue
+        if type(gm.get_submodule(n.target)).__name__ != "OnnxMatMul":
+            continue
+        x, w_node = n.args
+        if not isinstance(w_node, torch.fx.Node) or w_node.op != "get_attr" or x in const:
+            continue
+        w = _attr_tensor(gm, w_node)
+        if w is None or w.ndim != 2 or not w.is_floating_point():
+            continue
+        n_in, n_out = int(w.shape[0]), int(w.shape[1])
+        bias: Any = None
+        add: tuple[str, int] | None = None
+        users = list(n.users)
+        if len(users) == 1 and users[0].op == "call_module" and not users[0].kwargs and len(users[0].args) == 2:
+            u = users[0]
+            aname = node_of.get(u.target, "")
+            anode = onnx_nodes.get(aname)
+            if anode is not None and anode.op_type == "Add" and len(anode.input) == 2 and anode.input[0] != anode.input[1]:
+                k = 1 if anode.input[0] == onode.output[0] else 0
+                b_node = u.args[k]
+                b = _attr_tensor(gm, b_node) if isinstance(b_node, torch.fx.Node) and b_node.op == "get_attr" else None
+                fits = (b is not None and anode.input[1 - k] == onode.output[0] and u.args[1 - k] is n
+                        and anode.input[k] in inits and b.dtype == w.dtype and b.ndim >= 1
+                        and int(b.numel()) == n_out and int(b.shape[-1]) == n_out
+                        and (b.ndim == 1 or b.ndim <= rank.get(n, 0)))
+                if fits:
+                    bias, add = b, (aname, k)
+        lin = nn.Linear(n_in, n_out, bias=bias is not None, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.detach().T)
+            if bias is not None:
+                lin.bias.copy_(bias.detach().reshape(-1))
+        lin.train(gm.training)
+        gm.add_submodule(n.target, lin)
+        n.args = (x,)
+        if add is not None:
+            u = users[0]
+            u.replace_all_uses_with(n)
+            gm.graph.erase_node(u)
+            gm.delete_submodule(u.target)
+        done[name] = add
+    for n in list(gm.graph.nodes):  # the weights' and biases' get_attr left without a user, and their buffers
+        if n.op == "get_attr" and not n.users:
+            target = n.target
+            gm.graph.erase_node(n)
+            if not any(m.op == "get_attr" and m.target == target for m in gm.graph.nodes):
+                owner, _, attr = target.rpartition(".")
+                mod = gm.get_submodule(owner) if owner else gm
+                if attr in mod._buffers:
+                    del mod._buffers[attr]
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
 
 
 _NO_CONVERTER = re.compile(r"operation_type='([^']+)', version=(\d+)")
@@ -176,6 +292,15 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
         return None, f"{version} failed to convert the graph: {type(exc).__name__}: {text[:300]}"
     module.eval()
     example = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in input_names)
+    names = _module_names(model)
+    try:
+        linears = _linearize_matmuls(module, model, names, example)
+    except Exception as exc:  # noqa: BLE001 - a graph the rewrite does not foresee: say so, like a failed conversion
+        return None, (f"the MatMul -> Linear rewrite of the module {version} made from the graph failed: "
+                      f"{type(exc).__name__}: {str(exc)[:300]}")
+    for folded in linears.values():
+        if folded is not None:
+            names.pop(folded[0], None)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
@@ -203,7 +328,7 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
     if not worst <= PARITY:
         return None, (f"the converted module differs from ONNX Runtime by {worst:.3g} (relative to the output's scale) "
                       f"on output {where!r}, more than {PARITY:g}")
-    conv = ConvertedOnnx(module, example, _module_names(model), time.perf_counter() - t0, worst)
+    conv = ConvertedOnnx(module, example, names, time.perf_counter() - t0, worst, linears)
     return conv, None
 
 
@@ -364,6 +489,7 @@ def write_back(model: onnx.ModelProto, conv: ConvertedOnnx, module: Any) -> onnx
         changed_inits.add(old.name)
 
     original = conv.module
+    by_name = {n.name: n for n in g.node}
     for node in g.node:
         top = conv.module_of_node.get(node.name)
         if top is None:
@@ -392,6 +518,13 @@ def write_back(model: onnx.ModelProto, conv: ConvertedOnnx, module: Any) -> onnx
                 put(node, 2, leaf.bias)
                 if int(leaf.groups) != int(next((a.i for a in node.attribute if a.name == "group"), 1)):
                     _set_attr(node, "group", int(leaf.groups))
+            elif kind == "linear" and node.op_type == "MatMul" and node.name in conv.linears:
+                put(node, 1, leaf.weight.T)
+                folded = conv.linears[node.name]
+                if folded is not None:
+                    add, k = by_name[folded[0]], folded[1]
+                    dims = list(inits[add.input[k]].dims) if add.input[k] in inits else [-1]
+                    put(add, k, leaf.bias.reshape([1] * (len(dims) - 1) + [-1]))
             elif kind == "linear":
                 if node.op_type != "Gemm":
                     raise CandidateError(f"node {node.name!r} ({node.op_type}) became a linear layer this cannot write back")
