@@ -367,14 +367,14 @@ def _dense_cnn_onnx(as_constants: bool = False) -> onnx.ModelProto:
                   helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4]))
 
 
-def _feeds_x(n: int, shape: tuple[int, ...], seed: int = 0) -> list[dict[str, np.ndarray]]:
+def _feeds_x(n: int, shape: tuple[int, ...], seed: int = 0, name: str = "x") -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+    return [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
 
 
 def _build_x(source, cand: Candidate, out: Path, shape: tuple[int, ...]) -> onnx.ModelProto:
     units = {k.name: tuple(k.find_units(source)[0]) for k in (knob("prune"), knob("rank"), knob("bits"))}
-    res = build_candidate(source, cand, out, calibration=_feeds_x(16, shape, 1), units=units)
+    res = build_candidate(source, cand, out, calibration=_feeds_x(16, shape, 1, source.input_names[0]), units=units)
     return onnx.load(str(res.path))
 
 
@@ -509,3 +509,42 @@ def test_matmul_groups_that_meet_a_constant_reshape_or_scale_are_left_out() -> N
     units, notes = knob("prune").find_units(src)
     assert "attn/q" not in units and "ffn/in" not in units, units
     assert units == ["attn/o"] and "2 of 3" in notes[0], (units, notes)
+
+
+def test_keras_functional_cnn_gets_units_for_its_dense_layer_and_last_conv(tmp_path: Path) -> None:
+    """A Keras model's Dense layers arrive as MatMul + Add (tf2onnx): the Dense(64) width and the conv before it are units."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    inp = keras.Input((8, 8, 1), name="image")
+    h = layers.Conv2D(16, 3, padding="same", name="conv_a")(inp)
+    h = layers.BatchNormalization(momentum=0.9, name="bn_a")(h)
+    h = layers.ReLU(name="relu_a")(h)
+    h = layers.Conv2D(32, 3, padding="same", activation="relu", name="conv_b")(h)
+    h = layers.GlobalAveragePooling2D(name="gap")(h)
+    h = layers.Dense(64, activation="relu", name="hidden", bias_initializer="random_normal")(h)  # zero: no Add written
+    model = keras.Model(inp, layers.Dense(10, name="logits", bias_initializer="random_normal")(h))
+    x = np.random.default_rng(0).random((4, 8, 8, 1), dtype=np.float32)
+    src = import_model(model, x[:1])
+    assert src.trainable, src.not_trainable_reason
+    g = src.onnx_model.graph
+    convs = [n.name for n in g.node if n.op_type == "Conv"]
+    matmuls = [n.name for n in g.node if n.op_type == "MatMul"]
+    assert len(convs) == 2 and len(matmuls) == 2, [(n.name, n.op_type) for n in g.node]
+    assert set(src.converted.linears) == set(matmuls)
+    assert all(folded and src.converted.op_types[folded[0]] == "Add" for folded in src.converted.linears.values())
+    units, _ = knob("prune").find_units(src)
+    hidden = next(m for m in matmuls if "hidden" in m)
+    assert hidden in units and convs[1] in units, (units, convs, matmuls)
+    built = _build_x(src, Candidate(prune={u: 0.5 for u in units}, recovery={"distill_steps": 0}), tmp_path / "c",
+                     (1, 8, 8, 1))
+    assert [n.name for n in built.graph.node] == [n.name for n in g.node]
+    assert _matmul_elems(built) < 0.6 * _matmul_elems(src.onnx_model)
+    feed = {src.input_names[0]: x}
+    out = _session(built).run(None, feed)[0]
+    assert out.shape == (4, 10) and np.isfinite(out).all()

@@ -93,6 +93,7 @@ class ConvertedOnnx:
         linears: ``MatMul`` nodes by a constant ``[in, out]`` weight made into an ``nn.Linear``
             (:func:`_linearize_matmuls`) -> the ``(Add node, input index)`` of the bias folded into
             it, or ``None``. A folded ``Add`` has no submodule (it is not in :attr:`module_of_node`).
+        op_types: ONNX node name -> its op type.
     """
 
     module: Any
@@ -101,6 +102,7 @@ class ConvertedOnnx:
     seconds: float = 0.0
     max_diff: float = 0.0
     linears: dict[str, tuple[str, int] | None] = field(default_factory=dict)
+    op_types: dict[str, str] = field(default_factory=dict)
     node_of_module: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -328,7 +330,8 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
     if not worst <= PARITY:
         return None, (f"the converted module differs from ONNX Runtime by {worst:.3g} (relative to the output's scale) "
                       f"on output {where!r}, more than {PARITY:g}")
-    conv = ConvertedOnnx(module, example, names, time.perf_counter() - t0, worst, linears)
+    conv = ConvertedOnnx(module, example, names, time.perf_counter() - t0, worst, linears,
+                         {n.name: n.op_type for n in model.graph.node})
     return conv, None
 
 
@@ -380,15 +383,23 @@ def _scalar_attr(gm: Any, n: Any) -> bool:
     return int(t.numel()) <= 1
 
 
+#: Ops whose constant inputs are axes, not values per channel: a Squeeze after a global pooling keeps the channels.
+_AXES_OPS = frozenset({"Squeeze", "Unsqueeze", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
+                       "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare"})
+
+
 def safe_units(conv: ConvertedOnnx, units: Sequence[Any]) -> tuple[list[Any], list[str]]:
     """The pruning units whose channels meet no constant torch-pruning cannot cut, and the names of the others.
 
     torch-pruning shrinks the layers of a group (convs, linears, norms) but not the graph's other
     constants: a conv whose bias is a separate ``Add`` of a per-channel constant (Paddle exports), a
-    ``MatMul`` by a constant weight, a ``Reshape`` to a constant shape. Channels of a unit that reach
-    such an op, before the next layer that consumes them, would break the pruned model; those units
-    are left out. The walk follows each unit's layers' outputs through every op that keeps channels
-    (activations, Adds, Concats, pools, depthwise convs, norms) up to the next conv or linear.
+    ``Mul`` by a per-channel scale, a ``MatMul`` by a constant weight the conversion left as it was
+    (one that is not ``x @ W[in, out]``), a ``Reshape`` to a constant shape. Channels of a unit that
+    reach such an op, before the next layer that consumes them, would break the pruned model; those
+    units are left out. The walk follows each unit's layers' outputs through every op that keeps
+    channels (activations, Adds, Concats, pools, depthwise convs, norms, and the ops whose constants
+    are axes: ``Squeeze``, ``Unsqueeze``, ``Reduce*``) up to the next conv or linear, a ``MatMul``
+    made into an ``nn.Linear`` (:func:`_linearize_matmuls`) included.
     """
     gm = conv.module
     const = _constant_nodes(gm)
@@ -417,7 +428,8 @@ def safe_units(conv: ConvertedOnnx, units: Sequence[Any]) -> tuple[list[Any], li
                     in_ch = int(getattr(leaf, "in_channels", 0) or 0)
                     if kind == "linear" or groups == 1 or groups != in_ch:
                         continue  # consumes the channels: the walk ends here
-                elif kind is None and any(a in const and not _scalar_attr(gm, a) for a in user.all_input_nodes):
+                elif kind is None and conv.op_types.get(conv.node_of(str(user.target)) or "") not in _AXES_OPS \
+                        and any(a in const and not _scalar_attr(gm, a) for a in user.all_input_nodes):
                     unsafe = True
                     break
                 stack.append(user)
