@@ -611,3 +611,34 @@ def test_resize_by_constant_scales_keeps_the_channels_resize_to_sizes_does_not(b
     assert {t.name: list(t.dims) for t in built.graph.initializer}["w2"] == [4, 6, 1, 1]
     out = _session(built).run(None, _feeds_x(1, (1, 3, 8, 8), 7)[0])[0]
     assert out.shape == (1, 4, 16, 16) and np.isfinite(out).all()
+
+
+def test_a_matmul_weight_read_by_two_matmuls_is_copied_for_the_pruned_one() -> None:
+    """``W`` multiplies two layers in turn: pruning the first gives it its own copy; the second keeps ``W`` unchanged."""
+    from autosearch.transforms.onnx_torch import write_back
+    from autosearch.transforms.structural import apply_structural
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((16, 16)) / 4).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array((rng.standard_normal((16, 8)) / 4).astype(np.float32), "w3")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm_a"),
+             helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+             helper.make_node("MatMul", ["ra", "w"], ["b"], name="mm_b"),
+             helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+             helper.make_node("MatMul", ["rb", "w3"], ["y"], name="mm_c")]
+    model = _model(nodes, inits, helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16]),
+                   helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8]))
+    src = import_model(model)
+    assert src.trainable, src.not_trainable_reason
+    conv = src.converted
+    assert knob("prune").find_units(src)[0] == ["mm_a", "mm_b"]
+    pruned = apply_structural(conv.module, conv.example, prune={conv.path_of("mm_a"): 0.5}, reconstruct=False)
+    built = write_back(src.onnx_model, conv, pruned)
+    by_name = {n.name: n for n in built.graph.node}
+    arrays = {t.name: numpy_helper.to_array(t) for t in built.graph.initializer}
+    assert by_name["mm_a"].input[1] != by_name["mm_b"].input[1]
+    assert arrays[by_name["mm_a"].input[1]].shape == (16, 8) and arrays[by_name["mm_b"].input[1]].shape == (8, 16)
+    x = _feeds_x(1, (3, 16), 8)[0]
+    with torch.no_grad():
+        want = pruned(torch.from_numpy(x["x"])).numpy()
+    np.testing.assert_allclose(_session(built).run(None, x)[0], want, rtol=1e-5, atol=1e-5)
