@@ -7,7 +7,8 @@ fraction of the unit's width removed, least important first (:mod:`autosearch.tr
 It needs a torch module. A model given as ONNX is converted with ``onnx2torch`` the first time its
 prune units are asked for (:attr:`autosearch.model.SourceModel.trainable`,
 :mod:`autosearch.transforms.onnx_torch`); its units are named after the ONNX node of each group's
-first conv or Gemm, groups whose channels meet a constant torch-pruning cannot cut are left out, and
+first conv, Gemm or MatMul (a MatMul by a constant weight becomes a Linear, its bias Add folded in),
+groups whose channels meet a constant torch-pruning cannot cut are left out, and
 a pruned candidate is written back into the original graph. Where the converter lacks an op or its
 module differs from ONNX Runtime, the knob has no units and says why once.
 """
