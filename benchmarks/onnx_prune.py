@@ -164,6 +164,13 @@ def weight_elements(model: Any) -> int:
     return total
 
 
+def conv_widths(model: Any) -> list[int]:
+    """The distinct output-channel counts of the Conv weights that are initializers, ascending."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return sorted({int(inits[n.input[1]].dims[0]) for n in model.graph.node
+                   if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits and inits[n.input[1]].dims})
+
+
 def speedup(lat: Mapping[str, Any], row: Row, base: Row | None) -> float:
     """Float median / row median (same timing call); NaN when either is missing."""
     if base is None or row.key not in lat or base.key not in lat:
@@ -353,6 +360,10 @@ def run_digits(b: Budget, threads: int, work: Path) -> list[str]:
         "nothing to recalibrate"),
         *[f"torch path: {n}" for n in notes_t], *[f"onnx-only path: {n}" for n in notes_o],
     ]
+    if len(units_t.prune) == len(units_o.prune):
+        pairs = [f"{a} = {o}" for a, o in zip(units_t.prune, units_o.prune)]
+        notes.insert(1, "the units in the order each path finds them (torch: module path of the group's first conv; "
+                        "onnx-only: its ONNX node name): " + "; ".join(pairs))
     for n in notes:
         say(f"digits: {n}")
     say(f"digits: units found in {time.perf_counter() - t:.1f} s; {ev.num_samples} test images")
@@ -420,7 +431,10 @@ def run_orientation(b: Budget, threads: int, work: Path) -> list[str]:
     ev.prepare(scorer.session(wm.path))
     int8 = {u: 8 for u in units.bits}
 
-    shipped = Row(name, "float (as shipped)", "float", path=wm.path, build_s=0.0, note="the wheel's file")
+    import onnx
+
+    shipped = Row(name, "float (as shipped)", "float", path=wm.path, build_s=0.0,
+                  note="the wheel's file; conv widths " + ", ".join(map(str, conv_widths(onnx.load(str(wm.path))))))
     imported = Row(name, "float (as imported)", "float-imported", note="import_model's normalised graph")
     quants = [Row(name, label, "quant", Candidate(bits=int8, quant=q)) for label, q in QUANTS]
     build_rows(src, [imported, *quants], units.bits, wm.calibration, work / "orientation")
@@ -459,7 +473,9 @@ def run_orientation(b: Budget, threads: int, work: Path) -> list[str]:
             pq.error = f"the pruned row failed: {pr.error}"
             continue
         pr.score = float(ev(scorer.session(pr.path)))
-        say(f"  {pr.label}: {wm.metric_name} {pr.score:.4f}")
+        widths = conv_widths(onnx.load(str(pr.path)))
+        pr.note = "conv widths " + ", ".join(map(str, widths))
+        say(f"  {pr.label}: {wm.metric_name} {pr.score:.4f}; {pr.note}")
         # The same candidate as build_candidate(prune + quant) makes in one call (prune -> recover -> write back ->
         # quantize), in two: the pruned file is imported and quantized, so distillation runs once per ratio.
         t = time.perf_counter()
