@@ -151,3 +151,84 @@ def test_anchors_quick_end_to_end(tmp_path: Path) -> None:
     assert "AutoSearch best / best anchor at 1T" in report or "no front point meets" in report
     hv = lib.parse_table(report, first_header="trials")
     assert hv and all(float(v) >= 0 for r in hv for k, v in r.items() if k.endswith("HV"))
+
+
+# --------------------------------------------------------------------------- benchmarks/onnx_prune.py: pure helpers
+def _onnx_prune():
+    """benchmarks/onnx_prune.py as a module."""
+    import importlib.util
+
+    if "bench_onnx_prune" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_onnx_prune", BENCH / "onnx_prune.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["bench_onnx_prune"] = mod  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_onnx_prune"]
+
+
+class _Lat:
+    def __init__(self, ms: float) -> None:
+        self.median_ms, self.p10_ms, self.p90_ms = ms, 0.9 * ms, 1.1 * ms
+
+
+def test_onnx_prune_weight_elements_follow_dequantize_and_skip_activations() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    op = _onnx_prune()
+    w = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(8, np.float32), "b")
+    wq = numpy_helper.from_array(np.zeros((4, 8), np.int8), "wq")
+    scale = numpy_helper.from_array(np.ones(4, np.float32), "s")
+    zp = numpy_helper.from_array(np.zeros(4, np.int8), "z")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"], axis=0),
+        helper.make_node("MatMul", ["f", "f2"], ["m"]),  # two activations: nothing counted
+        helper.make_node("Gemm", ["f", "wd"], ["g"], transB=1),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                                           helper.make_tensor_value_info("f2", TensorProto.FLOAT, [8, 8])],
+                              [helper.make_tensor_value_info("g", TensorProto.FLOAT, [1, 4])], initializer=[w, b, wq, scale, zp])
+    assert op.weight_elements(helper.make_model(graph)) == 8 * 27 + 8 + 4 * 8
+
+
+def test_onnx_prune_summary_picks_fastest_at_bar_and_ratio() -> None:
+    op = _onnx_prune()
+    g = "m"
+    rows = [
+        op.Row(g, "float", "float", score=1.0),
+        op.Row(g, "int8 a", "quant", score=1.0),
+        op.Row(g, "int8 b", "quant", score=0.97),  # faster but below the bar
+        op.Row(g, "prune 10%", "prune", score=0.99),
+        op.Row(g, "prune 10% + int8 a", "prune+quant", score=0.984, extra={"quant": "int8 a"}),
+        op.Row(g, "prune 10% + int8 b", "prune+quant", score=0.99, extra={"quant": "int8 b"}),
+        op.Row(g, "prune 25% + int8 a", "prune+quant", score=0.5, extra={"quant": "int8 a"}),
+        op.Row(g, "broken", "prune+quant", error="CandidateError: no"),
+    ]
+    lat = {f"{g}: float": _Lat(5.0), f"{g}: int8 a": _Lat(6.0), f"{g}: int8 b": _Lat(3.0), f"{g}: prune 10%": _Lat(4.0),
+           f"{g}: prune 10% + int8 a": _Lat(3.0), f"{g}: prune 10% + int8 b": _Lat(2.0), f"{g}: prune 25% + int8 a": _Lat(1.0)}
+    assert op.fastest_at_bar(rows, lat, 0.98, ("quant",)).label == "int8 a"
+    lines, marks = op.summary_lines(rows, lat, rows[0], 0.98, "argmax_agreement")
+    text = "\n".join(lines)
+    assert "**(b) / (a): 3.00x**" in text and "slower than float" in text and "(b) is 2.50x" in text
+    assert "the int8 setting of (a), fastest at the bar: prune 10% + int8 a (" in text
+    assert marks == {f"{g}: int8 a": "(a)", f"{g}: prune 10% + int8 b": "(b)"}
+    md = op.format_table(rows, lat, {g: rows[0]}, score_name="argmax_agreement", bar=0.98, marks=marks)
+    parsed = {r["variant"]: r for r in lib.parse_table(md, first_header="variant")}
+    assert parsed["int8 a"]["speedup"] == "0.83x" and parsed["int8 a"]["mark"] == "(a)"
+    assert parsed["int8 b"]["at bar"] == "no" and "FAILED" in parsed["broken"]["notes"]
+    assert len({ln.count("|") for ln in md.splitlines()}) == 1  # every line, a failed one too, has every column
+    none_lines, _ = op.summary_lines(rows[:3], lat, rows[0], 0.98, "argmax_agreement")
+    assert any("adds nothing" in ln for ln in none_lines)
+
+
+def test_onnx_prune_cli_and_estimate() -> None:
+    op = _onnx_prune()
+    assert op.fmt_seconds(75) == "1 min 15 s" and op.fmt_seconds(40) == "40 s"
+    quick, full = op.budget_for(True), op.budget_for(False)
+    assert op.estimate_seconds(quick, op.PARTS) < 300 < op.estimate_seconds(full, op.PARTS) < 1200
+    with pytest.raises(SystemExit):
+        op.parse_args(["--parts", "resnet"])
+    assert op.parse_args(["--parts", "digits", "--threads", "2"]).parts == ["digits"]
