@@ -481,6 +481,12 @@ def _prune_group(groups: _Groups, unit: StructuralUnit, ratio: float, importance
     group = dg.get_pruning_group(root, pruner.prune_out_channels, drop)
     if not dg.check_pruning_group(group):
         raise CandidateError(f"unit {unit.name!r}: pruning {n_prune} of {width} channels would empty a layer")
+    for dep, idxs in group:  # which original output channels each conv keeps (the folded recalibration pairs them)
+        mod = dep.target.module
+        if isinstance(mod, nn.Conv2d) and getattr(dep.handler, "__name__", "") == "prune_out_channels":
+            kept = list(getattr(mod, _KEPT, range(mod.out_channels)))
+            gone = {int(i) for i in idxs}
+            setattr(mod, _KEPT, [c for j, c in enumerate(kept) if j not in gone])
     group.prune()
 
 
@@ -661,6 +667,48 @@ def _recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -
             m.momentum = mom
         model.eval()
     return True
+
+
+_KEPT = "_autosearch_kept_out"  # set on a pruned Conv2d: the original indices of the output channels it keeps
+
+
+def _recalibrate_folded(student: nn.Module, teacher: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> list[str]:
+    """BatchNorm recalibration for a model whose BatchNorms were folded into its convs (every exported ONNX CNN).
+
+    What re-estimating a BatchNorm's statistics does after pruning, done on the conv itself: each conv whose
+    weight changed shape (its inputs or outputs pruned) gets, per output channel, the scale and shift that give
+    its output on ``batches`` the mean and standard deviation the original conv's same channel has there.
+    Conv by conv in model order, so each sees the inputs the already-corrected ones produce. Returns the
+    corrected paths.
+    """
+    t_mods = dict(teacher.named_modules())
+    order = _module_order(student)
+    todo = []
+    for path, mod in student.named_modules():
+        t = t_mods.get(path)
+        if isinstance(mod, nn.Conv2d) and isinstance(t, nn.Conv2d) and mod.bias is not None and mod.weight.shape != t.weight.shape:
+            todo.append(path)
+    if not todo or not batches:
+        return []
+    todo.sort(key=lambda p: order.get(p, 0))
+    targets = _capture(teacher, todo, batches, inputs=False)
+    done = []
+    for path in todo:
+        mod = cast("nn.Conv2d", student.get_submodule(path))
+        kept = list(getattr(mod, _KEPT, range(mod.out_channels)))
+        y_t = targets[path][:, kept] if len(kept) == mod.out_channels else None
+        if y_t is None:
+            continue
+        y_s = _capture(student, [path], batches, inputs=False)[path]
+        mu_s, sd_s = y_s.mean(0), y_s.std(0)
+        mu_t, sd_t = y_t.mean(0), y_t.std(0)
+        scale = torch.where(sd_s > 1e-8, sd_t / sd_s.clamp_min(1e-8), torch.ones_like(sd_s)).clamp(0.05, 20.0)
+        assert mod.bias is not None  # selected above
+        with torch.no_grad():
+            mod.weight.mul_(scale.to(mod.weight.dtype).view(-1, 1, 1, 1))
+            mod.bias.copy_(((mod.bias.to(torch.float64) - mu_s) * scale + mu_t).to(mod.bias.dtype))
+        done.append(path)
+    return done
 
 
 def _refit_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
@@ -1080,8 +1128,9 @@ def apply_structural(
         raise CandidateError(f"the changed model returns shapes {new_shapes}, the original {ref_shapes}")
 
     # ---- recover
-    if changed and recalibrate_bn and batches:
-        _recalibrate_bn(work, batches)
+    if changed and recalibrate_bn and batches and not _recalibrate_bn(work, batches):
+        # no BatchNorm left (folded into the convs, as in every exported ONNX CNN): the same on the convs
+        _recalibrate_folded(work, copy.deepcopy(model).eval() if model.training else model, batches)
     if reconstruct is None:
         reconstruct = distill_steps == 0
     if changed and reconstruct and batches:
