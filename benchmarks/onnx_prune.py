@@ -360,8 +360,8 @@ def run_digits(b: Budget, threads: int, work: Path) -> list[str]:
         + (f" (onnx2torch conversion + parity check {conv.seconds:.2f} s, largest difference {conv.max_diff:.1g})" if conv else
            f" (not converted: {src_o.not_trainable_reason})"),
         (f"BatchNorm: {bn_torch} layers in the torch module; {_bn_count(src_o.onnx_model)} BatchNormalization nodes in the ONNX "
-        "graph (the exporter folds them into the convs in eval mode), so on the onnx-only path BN recalibration has "
-        "nothing to recalibrate"),
+        "graph (the exporter folds them into the convs in eval mode), so on the onnx-only path 'BN recal' is the "
+        "folded recalibration: each changed conv matched per channel to the original's mean and spread on calibration data"),
         *[f"torch path: {n}" for n in notes_t], *[f"onnx-only path: {n}" for n in notes_o],
     ]
     if len(units_t.prune) == len(units_o.prune):
@@ -501,7 +501,7 @@ def run_orientation(b: Budget, threads: int, work: Path) -> list[str]:
         *[f"- {n}" for n in unit_notes],
         *[f"- import: {n}" for n in src.notes],
         (f"- BatchNormalization nodes after import: {_bn_count(src.onnx_model)} (folded into the convs), so BN recalibration "
-        "has nothing to recalibrate; distillation is the recovery"),
+        "is the folded one (each changed conv matched per channel to the original's statistics), then distillation"),
         (f"- distillation: {b.wild_distill_steps} Adam steps at lr {b.wild_distill_lr:g} (cosine decay) over "
         f"{min(b.wild_distill_samples, len(wm.calibration))} calibration feeds in batches of 32, one batch per step, MSE to the original's outputs (no labels); calibration of the "
         f"quantizer: {len(wm.calibration)} feeds"),
