@@ -2,7 +2,7 @@
 
 A small Keras CNN (Conv2D, BatchNormalization, ReLU, pooling, Dense) trained for a few steps on sklearn's bundled
 digits (8x8x1, NHWC) is imported from memory, from a ``.keras`` file and from a SavedModel folder, searched with
-bits and rank, and run through the CLI. Needs the ``[tensorflow]`` extra; the message without it is tested in a
+all three knobs (prune, bits, rank), and run through the CLI. Needs the ``[tensorflow]`` extra; the message without it is tested in a
 subprocess where ``import tensorflow`` fails.
 """
 
@@ -150,7 +150,7 @@ def test_parity_failure_names_the_output_and_the_largest_difference(keras_cnn, s
         compare_outputs({"logits": np.array([2.0, -1.0])}, {"logits": np.array([2.0, -1.002])})
 
 
-def test_search_on_keras_cnn_with_bits_and_rank(keras_cnn, digits_nhwc, tmp_path: Path) -> None:
+def test_search_on_keras_cnn_with_all_three_knobs(keras_cnn, digits_nhwc, tmp_path: Path) -> None:
     from autosearch import search
     from autosearch.evaluate import LabelledEvaluator
     from autosearch.target import Target
@@ -182,9 +182,10 @@ def test_search_on_keras_cnn_with_bits_and_rank(keras_cnn, digits_nhwc, tmp_path
     study = search(keras_cnn, ev, example_inputs=x_test[:1], space=str(space), target=target, study_name="keras",
                    studies_dir=tmp_path / "studies", verbose=False)
     units = study.meta["units"]
-    assert units["bits"] and units["rank"], units  # prune has units only once ONNX models can be pruned
+    assert units["bits"] and units["rank"] and units["prune"], units  # all three knobs on a converted Keras model
     trials = [t for t in study.optuna_study.trials if t.state.name == "COMPLETE"]
     assert len(trials) == 5 and all(0.0 <= t.values[0] <= 1.0 for t in trials)  # accuracy on the digits labels
+    assert any("prune" in t.user_attrs["summary"] for t in trials), [t.user_attrs["summary"] for t in trials]
     assert any("int8" in t.user_attrs["summary"] for t in trials), [t.user_attrs["summary"] for t in trials]
 
 
