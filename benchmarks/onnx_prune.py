@@ -251,9 +251,14 @@ def summary_lines(rows: Sequence[Row], lat: Mapping[str, Any], base: Row, bar: f
             fl = float(lat[base.key].median_ms) / float(lat[b.key].median_ms)
             out.append(f"- quantization alone is slower than float here: against float (the better no-pruning choice) (b) is {fl:.2f}x")
     elif b is None:
-        out.append("- no pruned + quantized row reaches the bar: pruning + distillation adds nothing at the bar with this budget")
+        out.append("- no pruned + quantized row reaches the bar with this budget")
     else:
         out.append("- no quantization-alone row reaches the bar; (b) does")
+    best = fastest_at_bar(rows, lat, bar, ("prune", "prune+quant"))
+    if best is not None and a is not None:
+        ratio = float(lat[a.key].median_ms) / float(lat[best.key].median_ms)
+        out.append(f"- **what pruning + distillation adds at the bar (with or without int8) over quantization alone: {ratio:.2f}x** "
+                   f"({best.label}, {lat[best.key].median_ms:.3f} ms, against (a) {lat[a.key].median_ms:.3f} ms)")
     return out, marks
 
 

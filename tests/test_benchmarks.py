@@ -220,8 +220,11 @@ def test_onnx_prune_summary_picks_fastest_at_bar_and_ratio() -> None:
     assert parsed["int8 a"]["speedup"] == "0.83x" and parsed["int8 a"]["mark"] == "(a)"
     assert parsed["int8 b"]["at bar"] == "no" and "FAILED" in parsed["broken"]["notes"]
     assert len({ln.count("|") for ln in md.splitlines()}) == 1  # every line, a failed one too, has every column
+    assert "over quantization alone: 3.00x** (prune 10% + int8 b" in text  # the fastest pruned row at the bar, int8 or not
     none_lines, _ = op.summary_lines(rows[:3], lat, rows[0], 0.98, "argmax_agreement")
-    assert any("adds nothing" in ln for ln in none_lines)
+    assert any("no pruned + quantized row reaches the bar" in ln for ln in none_lines)
+    alone, _ = op.summary_lines([r for r in rows if r.kind != "prune+quant"], lat, rows[0], 0.98, "argmax_agreement")
+    assert any("over quantization alone: 1.50x** (prune 10%," in ln for ln in alone), alone  # pruning without int8 counts
 
 
 def test_onnx_prune_cli_and_estimate() -> None:
