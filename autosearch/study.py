@@ -11,12 +11,13 @@ same name and storage resumes the study; a different model, space or target is r
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import os
 import socket
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -494,6 +495,7 @@ def search(
                              worker=worker)
     apply_narrowing(ctx, ost)
 
+    _fail_unstarted(ost, stor, say)
     budget = n_trials if n_trials is not None else sp.n_trials
     started = time.perf_counter()
     with quiet_optuna(optuna.logging.ERROR):
@@ -570,6 +572,32 @@ def _publish_baseline(ost: optuna.Study, store: Any, path: Path, fingerprint: st
         return
     aid = upload_file(store, path, ost, name="baseline.onnx")
     ost.set_user_attr("baseline_artifact", {"id": aid, "store": where, "model_fingerprint": fingerprint})
+
+
+def _fail_unstarted(ost: optuna.Study, stor: optuna.storages.BaseStorage, say: Callable[[str], None]) -> int:
+    """Mark FAIL the RUNNING trials whose process died before their objective started.
+
+    Optuna creates a trial and samples its relative parameters (``study.ask``) before the heartbeat thread
+    starts, and ``fail_stale_trials`` passes over a trial with no heartbeat: a process killed in that window
+    leaves a trial RUNNING forever. The objective records attributes first thing, so a RUNNING trial with none,
+    started longer ago than the grace period, has no process left (its parameters were never evaluated: it is
+    not queued again). Returns how many were marked.
+    """
+    _, grace = heartbeat_settings()
+    now = datetime.datetime.now()
+    n = 0
+    for t in ost.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs or t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace:
+            continue
+        try:
+            stor.set_trial_user_attr(t._trial_id, "fail_reason", "its process ended before the trial started (no heartbeat)")
+            stor.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):  # another process got there first
+            continue
+        n += 1
+    if n:
+        say(f"[autosearch] marked {n} trial(s) FAIL whose process ended before they started (left RUNNING, no heartbeat)")
+    return n
 
 
 def _warm_start_wait_s() -> float:

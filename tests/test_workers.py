@@ -319,3 +319,33 @@ def test_a_worker_killed_holding_the_claim_is_taken_over(problem: Path, any_url:
     assert ws["by"].endswith("#1") and ws["claim"] == 2 and ws["by"] == st.user_attrs["warm_start_claim"]
     assert st.user_attrs["analysis"]
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials) == 2
+
+
+def test_a_trial_killed_before_its_heartbeat_started_is_marked_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna makes a trial (and samples it) before its heartbeat thread starts, and fail_stale_trials skips a trial
+    with no heartbeat: a process killed in that window left it RUNNING forever (benchmarks/faults.py saw 2 in 10 kills).
+    The next search marks such a trial FAIL with the reason; a RUNNING trial whose objective started (it has
+    attributes) is left to the heartbeat. Catches: dropping _fail_unstarted, or failing live trials too."""
+    from autosearch import search
+    from autosearch.target import Target
+
+    monkeypatch.setenv("AUTOSEARCH_HEARTBEAT_S", "1")
+    monkeypatch.setenv("AUTOSEARCH_GRACE_S", "1")
+    model = tiny_onnx(tmp_path / "m.onnx")
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    kw = {"space": {"knobs": {"bits": [32, 8]}, "strategy": {"analysis": False, "remeasure_front": False},
+                    "sampler": {"name": "random"}},
+          "target": Target(threads=1, warmup=1, min_runs=3, max_runs=5, max_seconds=0.05), "study_name": "o",
+          "storage": url, "studies_dir": tmp_path / "s", "verbose": False}
+    search(str(model), n_trials=1, **kw)
+    stor = optuna.storages.get_storage(url)
+    sid = stor.get_study_id_from_name("o")
+    orphan = stor.create_new_trial(sid)  # RUNNING, never beat, no attributes: what a kill inside ask() leaves
+    live = stor.create_new_trial(sid)
+    stor.set_trial_user_attr(live, "candidate", {})  # its objective started: the heartbeat's business, not this
+    time.sleep(1.5)
+    search(str(model), n_trials=1, **kw)
+    st = optuna.load_study(study_name="o", storage=url)
+    by_id = {t._trial_id: t for t in st.trials}
+    assert by_id[orphan].state.name == "FAIL" and "before the trial started" in by_id[orphan].user_attrs["fail_reason"]
+    assert by_id[live].state.name == "RUNNING"
