@@ -98,7 +98,8 @@ ANCHORS: list[tuple[str, dict[str, Any]]] = [
 PRE = " + pre-process"
 
 
-from autosearch.build import _Reader  # noqa: E402 - ORT's CalibrationDataReader over a list of feeds
+from autosearch.build import _Reader
+
 
 def _load_feeds(path: str) -> list[dict[str, np.ndarray]]:
     with np.load(path) as z:
