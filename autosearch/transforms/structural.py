@@ -672,6 +672,35 @@ def _recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -
 _KEPT = "_autosearch_kept_out"  # set on a pruned Conv2d: the original indices of the output channels it keeps
 
 
+def _channel_moments(model: nn.Module, paths: Sequence[str], batches: list[tuple[torch.Tensor, ...]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per output channel of each conv at ``paths``: mean and standard deviation over ``batches`` (samples and
+    pixels), accumulated as sums, so memory does not grow with the calibration set or the image size."""
+    sums: dict[str, list[Any]] = {p: [0, 0.0, 0.0] for p in paths}
+    handles = []
+    for p in paths:
+        def hook(_m: nn.Module, _args: tuple[Any, ...], out: Any, p: str = p) -> None:
+            y = out.detach().to(torch.float64).transpose(0, 1).reshape(out.shape[1], -1)
+            acc = sums[p]
+            acc[0] += y.shape[1]
+            acc[1] = acc[1] + y.sum(1)
+            acc[2] = acc[2] + (y * y).sum(1)
+
+        handles.append(model.get_submodule(p).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(*b)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for p, (n, s1, s2) in sums.items():
+        mean = s1 / max(n, 1)
+        var = (s2 / max(n, 1) - mean * mean) * (n / max(n - 1, 1))
+        out[p] = (mean, var.clamp_min(0).sqrt())
+    return out
+
+
 def _recalibrate_folded(student: nn.Module, teacher: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> list[str]:
     """BatchNorm recalibration for a model whose BatchNorms were folded into its convs (every exported ONNX CNN).
 
@@ -691,17 +720,15 @@ def _recalibrate_folded(student: nn.Module, teacher: nn.Module, batches: list[tu
     if not todo or not batches:
         return []
     todo.sort(key=lambda p: order.get(p, 0))
-    targets = _capture(teacher, todo, batches, inputs=False)
+    targets = _channel_moments(teacher, todo, batches)
     done = []
     for path in todo:
         mod = cast("nn.Conv2d", student.get_submodule(path))
         kept = list(getattr(mod, _KEPT, range(mod.out_channels)))
-        y_t = targets[path][:, kept] if len(kept) == mod.out_channels else None
-        if y_t is None:
+        if len(kept) != mod.out_channels:
             continue
-        y_s = _capture(student, [path], batches, inputs=False)[path]
-        mu_s, sd_s = y_s.mean(0), y_s.std(0)
-        mu_t, sd_t = y_t.mean(0), y_t.std(0)
+        mu_t, sd_t = (m[kept] for m in targets[path])
+        mu_s, sd_s = _channel_moments(student, [path], batches)[path]
         scale = torch.where(sd_s > 1e-8, sd_t / sd_s.clamp_min(1e-8), torch.ones_like(sd_s)).clamp(0.05, 20.0)
         assert mod.bias is not None  # selected above
         with torch.no_grad():
