@@ -134,8 +134,10 @@ def test_killed_worker_trial_fails_and_is_retried(problem: Path, postgres_url: s
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
-    # nothing else lost: the two live workers' 5 trials all finished, the victim the only failure
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 5
+    # nothing else lost: the two live workers' 5 trials all finished, the victim the only failure (the doomed worker
+    # may have finished a trial first, from a candidate the other worker had measured: the store's cache needs no _measure)
+    live = [t for t in trials if not t.user_attrs.get("worker", {}).get("id", "").endswith("#0")]
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in live) == 5
     assert [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL] == [victim.number]
     assert not [t for t in trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
 
