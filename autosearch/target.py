@@ -402,8 +402,8 @@ def target_label(t: Any) -> str:
     prov = str(t.providers[0]).removesuffix("ExecutionProvider").lower() if t.providers else "cpu"
     where = ""
     url = getattr(t, "url", None)
-    if url:
-        where = url.split("://", 1)[-1].rstrip("/").replace("/", "_") + "-"
+    if url:  # host:port/path: never the credentials (user:password@, query values)
+        where = url.split("://", 1)[-1].split("#", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1].rstrip("/").replace("/", "_") + "-"
         prov = "" if prov == "cpu" else prov + "-"
         return f"{where}{prov}{t.threads}t"
     level = "" if t.graph_optimization_level == "all" else f"-{t.graph_optimization_level}"
