@@ -173,6 +173,8 @@ def test_serve_profiler_help_teaches() -> None:
                          check=True).stdout
     assert "AUTOSEARCH_PROFILER_TOKEN" in out and "--profiler http://" in out and "reverse proxy" in out
     assert "127.0.0.1" in out
+    for flag in ("--max-threads", "--max-runs", "--max-seconds", "--deadline-s"):  # the limits, each explained
+        assert flag in out
 
 
 def test_serve_profiler_without_a_token_is_one_line(tmp_path: Path) -> None:
