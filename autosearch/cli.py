@@ -239,6 +239,10 @@ def _parser() -> argparse.ArgumentParser:
         "for the front) and answers with the statistics and its description (CPU model and int8 flags, ORT version,\n"
         "providers). One measurement at a time; others wait up to --queue-timeout seconds. A token is required,\n"
         "uploads are size-limited, models with external data are refused, files are deleted after use.\n"
+        "What one request may ask is limited (--max-threads, --max-runs, --max-seconds); a request over a limit\n"
+        "gets 400 with the limit and the option. Each measurement runs in its own process, killed past\n"
+        "--deadline-s (answer 504), when the client disconnects, or on SIGTERM / Ctrl-C (the server stops within\n"
+        "seconds and removes its upload folder).\n"
         "For TLS, put a reverse proxy in front (e.g. Caddy: `reverse_proxy 127.0.0.1:8765`) and pass https://.\n",
     )
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
@@ -248,6 +252,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-upload-mb", type=float, default=256.0, help="largest request accepted (default: %(default)s MB)")
     sp.add_argument("--queue-timeout", type=float, default=600.0, metavar="SECONDS",
                     help="how long a request waits for the one measurement slot (default: %(default)s)")
+    sp.add_argument("--max-threads", type=int, default=None, metavar="N",
+                    help="intra-op threads one request may ask at most (default and ceiling: this device's cores)")
+    sp.add_argument("--max-runs", type=int, default=100_000, metavar="N",
+                    help="warm-up, timed or profiled runs of one measurement at most (default: %(default)s)")
+    sp.add_argument("--max-seconds", type=float, default=60.0, metavar="SECONDS",
+                    help="time budget (max_seconds) one measurement may ask at most (default: %(default)s)")
+    sp.add_argument("--deadline-s", type=float, default=300.0, metavar="SECONDS",
+                    help="the longest one request may hold the device: past it the measurement is killed and the "
+                    "answer is 504 (default: %(default)s)")
     return ap
 
 
@@ -460,8 +473,14 @@ def _cmd(args: argparse.Namespace) -> int:
         token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("AUTOSEARCH_PROFILER_TOKEN", "")
         if not token:
             raise ConfigError("serve-profiler needs a token: set AUTOSEARCH_PROFILER_TOKEN or pass --token-file FILE")
-        print(f"autosearch profiler on http://{args.host}:{args.port} (one measurement at a time; Ctrl-C stops it)", flush=True)
-        serve(host=args.host, port=args.port, token=token, max_upload_mb=args.max_upload_mb, queue_timeout_s=args.queue_timeout)
+        from autosearch.profiler import Limits
+        from autosearch.target import cpu_cores
+
+        limits = Limits(max_threads=args.max_threads or cpu_cores(), max_runs=args.max_runs, max_seconds=args.max_seconds,
+                        deadline_s=args.deadline_s, max_upload_mb=args.max_upload_mb, queue_timeout_s=args.queue_timeout)
+        print(f"autosearch profiler on http://{args.host}:{args.port} (one measurement at a time, up to {limits.max_threads} "
+              f"thread(s), {limits.deadline_s:g} s per request; Ctrl-C stops it)", flush=True)
+        serve(host=args.host, port=args.port, token=token, limits=limits)
         return 0
     if args.command == "dashboard":
         from autosearch.dashboard import write_dashboard

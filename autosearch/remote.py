@@ -27,7 +27,29 @@ import numpy as np
 from autosearch.errors import CandidateError, ConfigError
 from autosearch.target import LatencyStats, Target, TimingTarget
 
-__all__ = ["RemoteTarget", "target_from_identity"]
+__all__ = ["RemoteTarget", "redact_url", "target_from_identity"]
+
+_HIDDEN = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown: the password of ``user:password@`` and every query value replaced by ``***``
+    (``http://user:secret@host:8765/?token=abc`` -> ``http://user:***@host:8765/?token=***``)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:{_HIDDEN}@{host}" if ":" in userinfo else f"{_HIDDEN}@{host}"
+        query = urlencode([(k, _HIDDEN) for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+        if parts.query and not query:
+            query = _HIDDEN
+        return urlunsplit((parts.scheme, netloc, parts.path, query, _HIDDEN if parts.fragment else ""))
+    except ValueError:
+        return "<unparsable URL>"
 
 
 @dataclass(frozen=True)
@@ -35,14 +57,16 @@ class RemoteTarget:
     """ONNX Runtime on a device running ``autosearch serve-profiler``.
 
     Attributes:
-        url: The profiler's base URL (``http://host:8765``; ``https://`` behind a TLS proxy).
+        url: The profiler's base URL (``http://host:8765``; ``https://`` behind a TLS proxy). Credentials in it
+            (``user:password@``, query values) are sent, never shown: messages, :meth:`describe`,
+            :meth:`identity` and ``repr`` carry :attr:`shown_url`.
         token: The profiler's token (default: ``$AUTOSEARCH_PROFILER_TOKEN``).
         providers, threads, graph_optimization_level, warmup, min_runs, max_runs, max_seconds, rel_precision:
             The measurement settings, as for :class:`~autosearch.target.Target`, applied on the device.
         timeout_s: Seconds to wait for one answer (a busy profiler queues requests).
     """
 
-    url: str
+    url: str = field(repr=False)
     token: str | None = field(default=None, repr=False, compare=False)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 1
@@ -56,9 +80,17 @@ class RemoteTarget:
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"profiler URL {self.url!r} must start with http:// or https:// (e.g. http://device:8765)")
+            raise ConfigError(f"profiler URL {self.shown_url!r} must start with http:// or https:// (e.g. http://device:8765)")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def shown_url(self) -> str:
+        """The URL with its credentials redacted (see :func:`redact_url`)."""
+        return redact_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"RemoteTarget({self.shown_url!r}, threads={self.threads}, providers={self.providers!r})"
 
     # --------------------------------------------------------------- protocol
     def _token(self) -> str:
@@ -72,22 +104,26 @@ class RemoteTarget:
             import httpx
         except ImportError:
             raise ConfigError("a remote target needs httpx: pip install 'autosearch[remote]'") from None
-        url = self.url.rstrip("/") + path
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.url)  # the endpoint goes into the path; a query (?token=... for a proxy) stays
+        url = urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
         try:
             resp = httpx.request(method, url, content=body, timeout=self.timeout_s,
                                  headers={"Authorization": f"Bearer {self._token()}",
                                           "Content-Type": "application/octet-stream"})
-        except httpx.HTTPError as exc:
-            raise CandidateError(f"the profiler at {self.url} did not answer ({type(exc).__name__}: {exc})") from exc
+        except httpx.HTTPError as exc:  # httpx puts the URL in its messages: redacted here
+            reason = str(exc).replace(url, redact_url(url)).replace(self.url, self.shown_url)
+            raise CandidateError(f"the profiler at {self.shown_url} did not answer ({type(exc).__name__}: {reason})") from None
         try:
             data = resp.json()
         except ValueError:
             data = {"error": resp.text[:300]}
         if resp.status_code == 401:
-            raise ConfigError(f"the profiler at {self.url} refused the token: {data.get('error', '')} "
+            raise ConfigError(f"the profiler at {self.shown_url} refused the token: {data.get('error', '')} "
                               "(set AUTOSEARCH_PROFILER_TOKEN to the token it was started with)")
         if resp.status_code != 200:
-            raise CandidateError(f"the profiler at {self.url} answered {resp.status_code}: {data.get('error', data)}")
+            raise CandidateError(f"the profiler at {self.shown_url} answered {resp.status_code}: {data.get('error', data)}")
         return dict(data)
 
     def _body(self, models: Sequence[tuple[str, Any]], feed: Mapping[str, np.ndarray], **extra: Any) -> bytes:
@@ -112,14 +148,14 @@ class RemoteTarget:
             dev = self._request("GET", "/device")["device"]
         except CandidateError as exc:
             raise ConfigError(f"{exc}: check the URL, and that `autosearch serve-profiler` runs there") from None
-        return {"kind": "remote", "url": self.url, "providers": list(self.providers), "threads": self.threads,
+        return {"kind": "remote", "url": self.shown_url, "providers": list(self.providers), "threads": self.threads,
                 "graph_optimization_level": self.graph_optimization_level, "ort_version": dev.get("ort_version"),
                 "cpu": dev.get("cpu"), "device": dev}
 
     def identity(self) -> dict[str, Any]:
         d = self.describe()
         dev = d["device"]
-        return {"kind": "remote", "url": self.url, "providers": list(self.providers), "threads": self.threads,
+        return {"kind": "remote", "url": self.shown_url, "providers": list(self.providers), "threads": self.threads,
                 "graph_optimization_level": self.graph_optimization_level,
                 "device": {"cpu": dev.get("cpu"), "cpu_flags": dev.get("cpu_flags")}}
 
@@ -157,5 +193,12 @@ def target_from_identity(ident: Mapping[str, Any], *, lock_path: str | None = No
     threads = int(ident.get("threads", 1))
     level = str(ident.get("graph_optimization_level", "all"))
     if ident.get("kind") == "remote":
-        return RemoteTarget(str(ident["url"]), providers=providers, threads=threads, graph_optimization_level=level)
+        url = str(ident["url"])
+        if _HIDDEN in url:  # recorded without its credentials
+            full = os.environ.get("AUTOSEARCH_PROFILER_URL", "")
+            if not full or redact_url(full) != url:
+                raise ConfigError(f"the study's profiler URL {url} had credentials, which are never stored: set "
+                                  "AUTOSEARCH_PROFILER_URL to the full URL")
+            url = full
+        return RemoteTarget(url, providers=providers, threads=threads, graph_optimization_level=level)
     return Target(providers=providers, threads=threads, graph_optimization_level=level, lock_path=lock_path)

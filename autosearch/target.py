@@ -35,7 +35,7 @@ import numpy as np
 
 from autosearch.errors import CandidateError, ConfigError
 
-__all__ = ["LatencyStats", "Target", "TimingTarget", "cpu_name", "device_info", "interleaved", "same_target", "target_label"]
+__all__ = ["LatencyStats", "Target", "TimingTarget", "cpu_cores", "cpu_name", "device_info", "interleaved", "same_target", "target_label"]
 
 # CPU flags that decide which int8 kernels ONNX Runtime can use (VNNI: fast u8s8 and s8s8 dot products)
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
@@ -67,12 +67,40 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one, else ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+_CLAMP_NOTED: set[tuple[int, int]] = set()
+
+
+def usable_threads(threads: int) -> int:
+    """``threads`` clamped to :func:`cpu_cores`; asking for more prints a one-line note (once per value) on stderr.
+
+    More intra-op threads than cores only slows ONNX Runtime down, and a huge count makes it spawn threads
+    for minutes before the first run."""
+    cores = cpu_cores()
+    if threads <= cores:
+        return threads
+    if (threads, cores) not in _CLAMP_NOTED:
+        _CLAMP_NOTED.add((threads, cores))
+        import sys
+
+        print(f"autosearch: note: {threads} threads asked, this machine has {cores} core(s): timing with {cores} "
+              f"(ask for {cores} or fewer to silence this)", file=sys.stderr, flush=True)
+    return cores
+
+
 def device_info() -> dict[str, Any]:
     """What this machine is, as far as timing is concerned: CPU model and int8 flags, cores, ONNX Runtime
     version and its execution providers."""
     import onnxruntime as ort
 
-    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count() or 1, "machine": platform.machine(),
+    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": cpu_cores(), "machine": platform.machine(),
             "system": platform.system(), "ort_version": ort.__version__, "providers": list(ort.get_available_providers())}
 
 
@@ -132,7 +160,8 @@ class Target:
 
     Attributes:
         providers: Execution providers in priority order.
-        threads: ``intra_op_num_threads``.
+        threads: ``intra_op_num_threads``; more than this machine's cores is clamped to them (a one-line
+            note on stderr), so :meth:`identity` records the threads actually used.
         graph_optimization_level: ``disable`` | ``basic`` | ``extended`` | ``all``.
         warmup: Untimed runs first.
         min_runs: Timed runs at least.
@@ -160,6 +189,7 @@ class Target:
             )
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        object.__setattr__(self, "threads", usable_threads(self.threads))  # frozen: set once, here
         import onnxruntime as ort
 
         avail = ort.get_available_providers()
@@ -242,7 +272,7 @@ class Target:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or self.threads
+        so.intra_op_num_threads = usable_threads(threads) if threads else self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel(_OPT_LEVELS[self.graph_optimization_level])
@@ -372,8 +402,8 @@ def target_label(t: Any) -> str:
     prov = str(t.providers[0]).removesuffix("ExecutionProvider").lower() if t.providers else "cpu"
     where = ""
     url = getattr(t, "url", None)
-    if url:
-        where = url.split("://", 1)[-1].rstrip("/").replace("/", "_") + "-"
+    if url:  # host:port/path: never the credentials (user:password@, query values)
+        where = url.split("://", 1)[-1].split("#", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1].rstrip("/").replace("/", "_") + "-"
         prov = "" if prov == "cpu" else prov + "-"
         return f"{where}{prov}{t.threads}t"
     level = "" if t.graph_optimization_level == "all" else f"-{t.graph_optimization_level}"
