@@ -330,6 +330,10 @@ def _check_args(args: argparse.Namespace) -> None:
     n = getattr(args, "n_trials", None)
     if n is not None and n < 1:
         raise ConfigError(f"--n-trials {n}: run at least 1 trial (leave --n-trials out for the space's budget)")
+    t = getattr(args, "timeout", None)
+    if t is not None and not t > 0:  # NaN too
+        raise ConfigError(f"--timeout {t:g}: give a number of seconds > 0, e.g. --timeout 600 (leave it out for the "
+                          "space's budget.timeout_s)")
     if getattr(args, "study", None) is not None or getattr(args, "storage", None):
         from autosearch.study import check_storage_url, check_study_name
 
