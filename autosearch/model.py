@@ -516,6 +516,7 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
                 "model must be a torch.nn.Module, an .onnx path, an onnx.ModelProto or a Keras model (.keras/.h5 file, "
                 f"SavedModel folder), got {type(model).__name__}"
             )
+        _refuse_float16(proto, what)
         original = proto
         proto, notes = normalize_onnx(proto)
         if not graph_inputs(proto):
@@ -538,6 +539,25 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
     src.output_names = [o.name for o in src.onnx_model.graph.output]
     src.batchable = _batchable(src)
     return src
+
+
+def _refuse_float16(model: onnx.ModelProto, what: str) -> None:
+    """A float16 model is refused: the quantizers, the sensitivity estimate and the low-rank edits take float32 weights.
+
+    Raises:
+        ConfigError: naming what is float16 and what to pass instead.
+    """
+    half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    ios = [vi.name for vi in [*graph_inputs(model), *model.graph.output] if vi.type.tensor_type.elem_type in half]
+    weights = sum(t.data_type in half for t in model.graph.initializer)
+    if not ios and not weights:
+        return
+    parts = ([f"input/output(s) {ios}"] if ios else []) + ([f"{weights} weight(s)"] if weights else [])
+    raise ConfigError(
+        f"{what} is a float16 model ({' and '.join(parts)} in float16): AutoSearch searches from the float32 model "
+        "(ONNX Runtime's quantizers take float32): pass the float32 .onnx it was made from (before "
+        "onnxconverter_common's convert_float_to_float16, or the like), or export it in float32 (torch: model.float() "
+        "before torch.onnx.export)")
 
 
 def _keep_if_equal(original: onnx.ModelProto, proto: onnx.ModelProto, notes: list[str],
@@ -620,6 +640,9 @@ def _as_tuple_np(x: Any) -> tuple[Any, ...]:
     return (x,)
 
 
+RANDOM_FEED_BYTES = 1 << 30  # the largest input random_feed allocates (a 1e9 declared dimension is a model's mistake)
+
+
 def random_feed(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Random input for every graph input; symbolic dimensions become ``batch`` (dim 0) or 1."""
     rng = np.random.default_rng(seed)
@@ -631,6 +654,13 @@ def random_feed(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dic
             for k, d in enumerate(tt.shape.dim)
         ]
         dtype = _NP_TYPES.get(tt.elem_type, np.float32)
+        size = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+        if size > RANDOM_FEED_BYTES:
+            k = int(np.argmax(shape))
+            raise ConfigError(
+                f"model input {vi.name!r} declares shape {shape} (dimension {k} is {shape[k]}): one random sample of it "
+                f"would take {size / 2**30:.1f} GiB: pass an example input (example_inputs=, or --data with 'x'), or fix "
+                "the dimension in the model (a free dimension is a name, e.g. 'seq')")
         if np.issubdtype(dtype, np.integer):
             feed[vi.name] = rng.integers(0, 2, size=shape).astype(dtype)
         elif dtype == np.bool_:

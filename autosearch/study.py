@@ -11,9 +11,12 @@ same name and storage resumes the study; a different model, space or target is r
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import inspect
 import os
+import re
 import socket
 import time
 import warnings
@@ -25,7 +28,7 @@ import numpy as np
 import optuna
 
 from autosearch.candidate import Candidate, SpaceUnits
-from autosearch.errors import CandidateError, ConfigError, StudyMismatchError
+from autosearch.errors import CandidateError, ConfigError, DiskFullError, StudyMismatchError
 from autosearch.evaluate import Evaluator, default_evaluator, evaluator_fingerprint
 from autosearch.model import import_model
 from autosearch.space import OBJECTIVES, SearchSpace, load_space
@@ -138,7 +141,7 @@ def check_storage_url(url: Any) -> Any:
         raise ConfigError(f"storage {str(url)!r} is an in-memory SQLite database: each connection sees an empty one, so the "
                           "study would be lost between steps (and at exit): use a file, sqlite:///studies/mine.db, or "
                           "leave --storage out")
-    if parsed.get_backend_name() == "sqlite":
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
         folder = Path(parsed.database).parent
         if not folder.is_dir():
             raise ConfigError(f"storage {shown!r}: the folder {str(folder)!r} of the SQLite file does not exist: "
@@ -545,7 +548,7 @@ def search(
     budget = n_trials if n_trials is not None else sp.n_trials
     started = time.perf_counter()
     ran: list[int] = []  # trials this call finished (a timeout or a stop ends the budget early)
-    with quiet_optuna(optuna.logging.ERROR):
+    with quiet_optuna(optuna.logging.ERROR), _disk_full_stops(ctx.study_dir):
         ost.optimize(
             Objective(ctx, store, baseline, floor,
                       FloatClock(baseline.path, ctx.source.example_feed, ctx.target, baseline.latency_ms, baseline.at),
@@ -554,7 +557,8 @@ def search(
             n_trials=budget,
             timeout=timeout if timeout is not None else sp.timeout_s,
             catch=(CandidateError,),
-            callbacks=[Progress(ctx, n_done + budget, n_done), lambda _s, t: ran.append(t.number)],
+            callbacks=[Progress(ctx, n_done + budget, n_done), lambda _s, t: ran.append(t.number),
+                       _stop_if_disk_full(ctx.study_dir)],
             gc_after_trial=False,
         )
     study = Study(ost, studies_dir=studies_dir, artifact_store=arts)
@@ -679,14 +683,54 @@ def _run_warm_start_once(ctx: SearchContext, ost: optuna.Study, stor: optuna.sto
         ctx.say(f"[autosearch] worker {me}: ran the warm start")
 
 
+_ENOSPC = re.compile(r"\[Errno 28\][^']*(?:'([^']+)')?|No space left on device|database or disk is full")
+
+
+def _disk_full(text: str) -> tuple[bool, str | None]:
+    """Whether an error's text says the disk is full, and the path it names (if any)."""
+    m = _ENOSPC.search(text)
+    return (m is not None, m.group(1) if m and m.lastindex else None)
+
+
+def _disk_full_message(path: Any) -> str:
+    return f"no space left on device at {path}; free space or use --studies-dir (studies_dir=) on another disk; the " \
+           "finished trials are saved (autosearch resume continues the study)"
+
+
+def _stop_if_disk_full(study_dir: Path) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Optuna callback: a trial that failed because the disk is full ends the search (every later trial would too)."""
+    def check(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != optuna.trial.TrialState.FAIL:
+            return
+        full, path = _disk_full(str(trial.user_attrs.get("fail_reason") or trial.system_attrs.get("fail_reason") or ""))
+        if full:
+            raise DiskFullError(_disk_full_message(path or study_dir))
+    return check
+
+
+@contextlib.contextmanager
+def _disk_full_stops(study_dir: Path) -> Any:
+    """An ENOSPC anywhere in a trial (a file, the SQLite storage) becomes one :class:`DiskFullError`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(_disk_full_message(exc.filename or study_dir)) from exc
+    except optuna.exceptions.StorageInternalError as exc:
+        if not _disk_full(f"{exc} {exc.__cause__}")[0]:
+            raise
+        raise DiskFullError(_disk_full_message(f"the study storage ({study_dir.parent})")) from exc
+
+
 def _forget_if_empty(ost: optuna.Study, stor: optuna.storages.BaseStorage) -> None:
     """Delete a study that holds no trial and no analysis (made by this call, refused before any work)."""
     if ost.get_trials(deepcopy=False) or "analysis" in ost.user_attrs or "warm_started" in ost.user_attrs:
         return
-    try:
+    with contextlib.suppress(Exception):  # another process may have deleted or used it meanwhile: the refusal's error stands
         optuna.delete_study(study_name=ost.study_name, storage=stor)
-    except Exception:  # noqa: BLE001 - another process may have deleted or used it meanwhile: keep the refusal's error
-        pass
 
 
 def _check_timeout(timeout: Any) -> None:

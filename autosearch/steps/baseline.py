@@ -117,10 +117,10 @@ def check_baseline_score(evaluator: Any, score: float, session: Any) -> None:
     what = f"the float model scores {name} {score!r} on the evaluation data"
     if isinstance(evaluator, LabelledEvaluator):
         labels = np.asarray(evaluator.labels)
-        first = np.asarray(outs[0]) if outs and not isinstance(outs[0], list) else None
-        classes = first.reshape(len(first), -1).shape[1] if first is not None and first.ndim >= 1 and len(first) else None
-        pred = (f"; of its {classes} classes it predicts {_values(first.reshape(len(first), -1).argmax(1))}"
-                if classes else "")
+        first = np.asarray(outs[0]) if outs and not isinstance(outs[0], list) else np.zeros(0)
+        rows = first.reshape(len(first), -1) if first.ndim >= 1 and len(first) else None
+        classes = rows.shape[1] if rows is not None else None
+        pred = f"; of its {classes} classes it predicts {_values(rows.argmax(1))}" if rows is not None else ""
         booleans = evaluator.metric == "accuracy" and labels.dtype == np.bool_ and classes is not None and classes > 2
         if booleans or not np.isfinite(score) or (rng is not None and rng[0] == 0.0 and score == 0.0):
             why = f"boolean labels for a model of {classes} classes" if booleans else "the labels do not match its outputs"
