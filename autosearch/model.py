@@ -30,7 +30,7 @@ from autosearch.errors import CandidateError, ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SourceModel", "export_onnx", "import_model", "load_onnx", "normalize_onnx", "opset_of", "upgrade_opset"]
+__all__ = ["PROTO_LIMIT", "SourceModel", "export_onnx", "external_data_bytes", "import_model", "load_onnx", "normalize_onnx", "opset_of", "upgrade_opset"]
 
 _OPSET = 17
 
@@ -48,7 +48,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise ConfigError(f"model path {str(p)!r} is a directory without saved_model.pb: pass the path of an .onnx file "
                           "(or of a TensorFlow SavedModel folder)")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, ValueError, ... on bad bytes
         raise ConfigError(
             f"{str(p)!r} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
@@ -56,11 +56,38 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         ) from None
     if len(model.graph.node) == 0:
         raise ConfigError(f"{str(p)!r} holds no ONNX graph (0 nodes): is it really an .onnx file?")
+    if p.stat().st_size + external_data_bytes(model) > PROTO_LIMIT:
+        # over protobuf's 2 GB the proto cannot be serialized whole: check the file by path (ONNX's checker reads
+        # the external data itself) and keep the weights in their external files
+        _check(str(p), repr(str(p)))
+        return model
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except Exception as exc:  # noqa: BLE001 - a missing or short external-data file: a ConfigError naming it
+        raise ConfigError(f"{str(p)!r}: its external data cannot be read ({type(exc).__name__}: {exc}); keep the data "
+                          "file(s) next to the .onnx under the names the model gives") from None
     _check(model, repr(str(p)))
     return model
 
 
-def _check(model: onnx.ModelProto, what: str) -> None:
+PROTO_LIMIT = onnx.checker.MAXIMUM_PROTOBUF  # bytes: a model with more is checked by path, its weights kept external
+
+
+def external_data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's tensors that are stored in external files (by the lengths the model records)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            if "length" in info and info["length"].isdigit():
+                total += int(info["length"])
+            else:
+                total += int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def _check(model: onnx.ModelProto | str, what: str) -> None:
+    """``onnx.checker`` on a proto, or on a file by path (a model over 2 GB with external data)."""
     try:
         onnx.checker.check_model(model)
     except ValueError as exc:
