@@ -41,7 +41,7 @@ N = 128
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "autosearch", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "autosearch", *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
                           env=env)
 
 
@@ -302,13 +302,13 @@ def test_export_below_a_file(prob: dict[str, Any]) -> None:
 def _mounted(*args: str, at: Path) -> Iterator[Path]:
     at.mkdir(parents=True, exist_ok=True)
     for cmd in args:
-        if subprocess.run(cmd.split() + [str(at)], capture_output=True).returncode:
-            subprocess.run(["umount", str(at)], capture_output=True)
+        if subprocess.run([*cmd.split(), str(at)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", str(at)], capture_output=True, check=False)
             pytest.skip(f"cannot {cmd} here (needs root and mount)")
     try:
         yield at
     finally:
-        subprocess.run(["umount", str(at)], capture_output=True)
+        subprocess.run(["umount", str(at)], capture_output=True, check=False)
 
 
 def test_resume_and_export_in_a_read_only_folder(prob: dict[str, Any], tmp_path: Path) -> None:
