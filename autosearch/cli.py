@@ -6,6 +6,8 @@ Run ``autosearch <command> --help`` for examples.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -343,6 +345,11 @@ def _check_args(args: argparse.Namespace) -> None:
     n = getattr(args, "n_trials", None)
     if n is not None and n < 1:
         raise ConfigError(f"--n-trials {n}: run at least 1 trial (leave --n-trials out for the space's budget)")
+    t = getattr(args, "timeout", None)
+    if t is not None and not t > 0:  # NaN too
+        raise ConfigError(f"--timeout {t:g}: give a number of seconds > 0, e.g. --timeout 600 (leave it out for the "
+                          "space's budget.timeout_s)")
+    _check_paths(args)
     if getattr(args, "study", None) is not None or getattr(args, "storage", None):
         from autosearch.study import check_storage_url, check_study_name
 
@@ -350,6 +357,78 @@ def _check_args(args: argparse.Namespace) -> None:
             check_study_name(args.study)
         if getattr(args, "storage", None):
             check_storage_url(args.storage)
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or the nearest folder above it that exists."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable(path: str | Path, option: str, *, folder: bool) -> None:
+    """``path`` (a folder, or a file when ``folder`` is false) can be made or written here, else one line naming the fix."""
+    p = Path(path)
+    if p.exists() and folder and not p.is_dir():
+        raise ConfigError(f"{option} {str(p)!r} is a file, not a folder: pass a folder (it is created when missing)")
+    if p.is_dir() and not folder:
+        example = p / ("dashboard.html" if option.startswith("-o") else "table.csv")
+        raise ConfigError(f"{option} {str(p)!r} is a folder: name a file in it, e.g. {str(example)!r}")
+    top = _existing(p if folder or not p.exists() else p.parent)
+    if not top.is_dir():
+        raise ConfigError(f"{option} {str(p)!r} lies below {str(top)!r}, which is a file, not a folder: choose another path")
+    if not os.access(top, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"{option} {str(p)!r}: {str(top)!r} is not writable (a read-only file system or no permission): "
+                          f"pass a writable place with {option}, or run from a writable folder")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """File-system mistakes refused before any work: a file where a folder goes (or the reverse), a read-only place."""
+    cmd = args.command
+    studies = getattr(args, "studies_dir", None)
+    if studies is not None:
+        writes = cmd in ("demo", "search", "worker", "resume") or (cmd == "analyze" and getattr(args, "sensitivity", False))
+        if writes:
+            _check_writable(studies, "--studies-dir", folder=True)
+            db = Path(studies) / f"{getattr(args, 'study', '')}.db"
+            if not getattr(args, "storage", None) and db.exists() and not os.access(db, os.W_OK):
+                raise ConfigError(f"the study database {str(db)!r} is not writable (read-only file system or no permission): "
+                                  "copy the studies folder somewhere writable and pass --studies-dir")
+        elif Path(studies).exists() and not Path(studies).is_dir():
+            raise ConfigError(f"--studies-dir {studies!r} is a file, not a folder: pass the folder the studies are in")
+    arts = getattr(args, "artifacts", None)
+    if arts and "://" not in str(arts):
+        if cmd in ("demo", "search", "worker", "resume"):
+            _check_writable(arts, "--artifacts", folder=True)
+        elif Path(arts).exists() and not Path(arts).is_dir():
+            raise ConfigError(f"--artifacts {arts!r} is a file, not a folder: pass the artifact folder (or s3://bucket)")
+    if getattr(args, "csv", None):
+        _check_writable(args.csv, "--csv", folder=False)
+    if cmd == "export":
+        _check_writable(args.out or ".", "-o/--out", folder=True)
+        if studies is not None and Path(studies).is_dir() and not os.access(studies, os.W_OK):
+            raise ConfigError(f"the studies folder {studies!r} is not writable (a read-only file system or no permission) and "
+                              "export times the model under its lock file: copy the folder somewhere writable and pass "
+                              "--studies-dir")
+    if cmd == "dashboard":
+        _check_writable(args.out or ".", "-o/--out", folder=not args.out)
+
+
+def _os_error(exc: OSError) -> str:
+    """A file-system error as one line with the fix."""
+    where = f" at {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device{where}; free space or use --studies-dir on another disk"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where} ({exc.strerror}): run from a writable folder, or pass --studies-dir / -o to one"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"a file is in the way{where} ({exc.strerror}): choose a path whose folders are folders"
+    if exc.errno == errno.EISDIR:
+        return f"{exc.filename or 'the path'} is a folder ({exc.strerror}): name a file"
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"a path is too long for the file system{where}: use a shorter study name or folder"
+    return f"{exc.strerror or exc}{where}: check the path and its permissions"
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -506,6 +585,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"autosearch: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file-system mistake no check caught: one line, not a traceback
+        if args.debug:
+            traceback.print_exc()
+        print(f"autosearch: error: {_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         study = getattr(args, "study", None) or "<study>"

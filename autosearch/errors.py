@@ -8,7 +8,7 @@ run loudly.
 
 from __future__ import annotations
 
-__all__ = ["AutosearchError", "CandidateError", "ConfigError", "StudyMismatchError"]
+__all__ = ["AutosearchError", "CandidateError", "ConfigError", "DiskFullError", "StudyMismatchError"]
 
 
 class AutosearchError(Exception):
@@ -25,3 +25,7 @@ class CandidateError(AutosearchError):
 
 class StudyMismatchError(ConfigError):
     """A study was resumed with a different model, search space or target."""
+
+
+class DiskFullError(AutosearchError):
+    """The disk the study writes to is full: the search stops (its finished trials are kept)."""

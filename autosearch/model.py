@@ -30,7 +30,7 @@ from autosearch.errors import CandidateError, ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SourceModel", "export_onnx", "import_model", "load_onnx", "normalize_onnx", "opset_of", "upgrade_opset"]
+__all__ = ["PROTO_LIMIT", "SourceModel", "export_onnx", "external_data_bytes", "import_model", "load_onnx", "normalize_onnx", "opset_of", "upgrade_opset"]
 
 _OPSET = 17
 
@@ -48,7 +48,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise ConfigError(f"model path {str(p)!r} is a directory without saved_model.pb: pass the path of an .onnx file "
                           "(or of a TensorFlow SavedModel folder)")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, ValueError, ... on bad bytes
         raise ConfigError(
             f"{str(p)!r} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
@@ -56,11 +56,38 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         ) from None
     if len(model.graph.node) == 0:
         raise ConfigError(f"{str(p)!r} holds no ONNX graph (0 nodes): is it really an .onnx file?")
+    if p.stat().st_size + external_data_bytes(model) > PROTO_LIMIT:
+        # over protobuf's 2 GB the proto cannot be serialized whole: check the file by path (ONNX's checker reads
+        # the external data itself) and keep the weights in their external files
+        _check(str(p), repr(str(p)))
+        return model
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except Exception as exc:  # noqa: BLE001 - a missing or short external-data file: a ConfigError naming it
+        raise ConfigError(f"{str(p)!r}: its external data cannot be read ({type(exc).__name__}: {exc}); keep the data "
+                          "file(s) next to the .onnx under the names the model gives") from None
     _check(model, repr(str(p)))
     return model
 
 
-def _check(model: onnx.ModelProto, what: str) -> None:
+PROTO_LIMIT = onnx.checker.MAXIMUM_PROTOBUF  # bytes: a model with more is checked by path, its weights kept external
+
+
+def external_data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's tensors that are stored in external files (by the lengths the model records)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            if "length" in info and info["length"].isdigit():
+                total += int(info["length"])
+            else:
+                total += int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def _check(model: onnx.ModelProto | str, what: str) -> None:
+    """``onnx.checker`` on a proto, or on a file by path (a model over 2 GB with external data)."""
     try:
         onnx.checker.check_model(model)
     except ValueError as exc:
@@ -516,6 +543,7 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
                 "model must be a torch.nn.Module, an .onnx path, an onnx.ModelProto or a Keras model (.keras/.h5 file, "
                 f"SavedModel folder), got {type(model).__name__}"
             )
+        _refuse_float16(proto, what)
         original = proto
         proto, notes = normalize_onnx(proto)
         if not graph_inputs(proto):
@@ -538,6 +566,25 @@ def import_model(model: Any, example_inputs: Any = None, *, workdir: str | Path 
     src.output_names = [o.name for o in src.onnx_model.graph.output]
     src.batchable = _batchable(src)
     return src
+
+
+def _refuse_float16(model: onnx.ModelProto, what: str) -> None:
+    """A float16 model is refused: the quantizers, the sensitivity estimate and the low-rank edits take float32 weights.
+
+    Raises:
+        ConfigError: naming what is float16 and what to pass instead.
+    """
+    half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    ios = [vi.name for vi in [*graph_inputs(model), *model.graph.output] if vi.type.tensor_type.elem_type in half]
+    weights = sum(t.data_type in half for t in model.graph.initializer)
+    if not ios and not weights:
+        return
+    parts = ([f"input/output(s) {ios}"] if ios else []) + ([f"{weights} weight(s)"] if weights else [])
+    raise ConfigError(
+        f"{what} is a float16 model ({' and '.join(parts)} in float16): AutoSearch searches from the float32 model "
+        "(ONNX Runtime's quantizers take float32): pass the float32 .onnx it was made from (before "
+        "onnxconverter_common's convert_float_to_float16, or the like), or export it in float32 (torch: model.float() "
+        "before torch.onnx.export)")
 
 
 def _keep_if_equal(original: onnx.ModelProto, proto: onnx.ModelProto, notes: list[str],
@@ -620,6 +667,9 @@ def _as_tuple_np(x: Any) -> tuple[Any, ...]:
     return (x,)
 
 
+RANDOM_FEED_BYTES = 1 << 30  # the largest input random_feed allocates (a 1e9 declared dimension is a model's mistake)
+
+
 def random_feed(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Random input for every graph input; symbolic dimensions become ``batch`` (dim 0) or 1."""
     rng = np.random.default_rng(seed)
@@ -631,6 +681,13 @@ def random_feed(model: onnx.ModelProto, *, batch: int = 1, seed: int = 0) -> dic
             for k, d in enumerate(tt.shape.dim)
         ]
         dtype = _NP_TYPES.get(tt.elem_type, np.float32)
+        size = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+        if size > RANDOM_FEED_BYTES:
+            k = int(np.argmax(shape))
+            raise ConfigError(
+                f"model input {vi.name!r} declares shape {shape} (dimension {k} is {shape[k]}): one random sample of it "
+                f"would take {size / 2**30:.1f} GiB: pass an example input (example_inputs=, or --data with 'x'), or fix "
+                "the dimension in the model (a free dimension is a name, e.g. 'seq')")
         if np.issubdtype(dtype, np.integer):
             feed[vi.name] = rng.integers(0, 2, size=shape).astype(dtype)
         elif dtype == np.bool_:

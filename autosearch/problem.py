@@ -6,7 +6,7 @@ evaluator), and :func:`load_problem` turns it back into ``(model, evaluator, exa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ def load_npz(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path!r} is not a readable .npz file ({exc}); save one with numpy.savez(path, x=..., y=...)") from None
 
 
-def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+def load_problem(spec: Mapping[str, Any], say: Callable[[str], None] = print) -> tuple[Any, Any, Any]:
     """(model, evaluator, example_inputs) from a problem spec, as the CLI writes it and a study stores it:
     ``{"kind": "default"}`` (the embedded digits CNN) or ``{"kind": "onnx", "path": ..., "data": npz or None,
     "metric": name or None}``. The path may also be a ``.keras``/``.h5`` file or a SavedModel folder (converted by ``import_model``).
@@ -60,8 +60,12 @@ def load_problem(spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     inputs = {k: v for k, v in data.items() if k != "y" and not k.startswith("calib")}
     if not inputs:
         raise ConfigError(f"{spec['data']!r} has no input array: save it with numpy.savez(path, x=..., y=...)")
-    if list(inputs) == ["x"] and len(names) == 1:
+    if "x" in inputs and len(names) == 1 and (names[0] not in inputs or names[0] == "x"):
         x = {names[0]: inputs["x"]}
+        ignored = sorted(k for k in data if k not in ("x", "y", "calib") and not k.startswith("calib_"))
+        if ignored:
+            say(f"[autosearch] note: {spec['data']!r}: the model's one input takes 'x'; array(s) {ignored} are ignored "
+                "(the data file's arrays used: x, y, calib, calib_<input>)")
     else:
         missing = [n for n in names if n not in inputs]
         if missing:

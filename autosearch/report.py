@@ -40,7 +40,8 @@ def print_front(study: Any) -> None:
     base = study.baseline
     meta = study.meta
     print()
-    print(f"Pareto front of study {study.name!r} ({len(study.optuna_study.trials)} trials; "
+    done = sum(t.state.is_finished() for t in study.optuna_study.get_trials(deepcopy=False))  # not those queued or running
+    print(f"Pareto front of study {study.name!r} ({done} finished trial(s); "
           f"objectives {', '.join(meta.get('objectives', []))}; speedup vs the float model measured in the same run)")
     if base:
         print(f"float model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms, {base['size_mb']:.2f} MB")

@@ -19,6 +19,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,8 +168,14 @@ class SearchSpace:
                 f"unknown key 'constraints.{next(iter(cons))}'{_where(source)}; allowed: max_accuracy_drop, min_accuracy"
             )
         for key, val in (("max_accuracy_drop", max_drop), ("min_accuracy", min_acc)):
-            if val is not None and not isinstance(val, (int, float)):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))):
                 raise ConfigError(f"'constraints.{key}'{_where(source)} must be a number or null, got {val!r}")
+            if val is not None and not math.isfinite(val):
+                raise ConfigError(f"'constraints.{key}'{_where(source)} is {val!r}: give a finite number "
+                                  "(e.g. max_accuracy_drop: 0.01), or null for no such constraint")
+        if max_drop is not None and max_drop < 0:
+            raise ConfigError(f"'constraints.max_accuracy_drop'{_where(source)} is {max_drop!r}: a drop is >= 0 (0 keeps only "
+                              "candidates as good as the float model; 0.01 allows one point of accuracy)")
         budget = dict(data.get("budget") or {})
         n_trials = budget.pop("n_trials", 20)
         timeout = budget.pop("timeout_s", None)
@@ -176,6 +183,10 @@ class SearchSpace:
             raise ConfigError(f"unknown key 'budget.{next(iter(budget))}'{_where(source)}; allowed: n_trials, timeout_s")
         if not isinstance(n_trials, int) or n_trials < 1:
             raise ConfigError(f"'budget.n_trials'{_where(source)} must be a positive integer, got {n_trials!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise ConfigError(f"'budget.timeout_s'{_where(source)} is {timeout!r}: give a number of seconds > 0, "
+                              "or null for no time limit")
         sampler = dict(data.get("sampler") or {})
         sname = sampler.pop("name", "nsga2")
         seed = sampler.pop("seed", 0)
@@ -330,6 +341,11 @@ def load_space(space: str | Path | Mapping[str, Any] | SearchSpace | None = None
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests too deeply to read (thousands of levels of lists or mappings): a search space "
+                          "is a few levels deep, e.g. knobs: {bits: [32, 8]}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"search space file {path} cannot be read ({exc}): pass a readable UTF-8 YAML file") from None
     if data is None:
         raise ConfigError(f"search space file {path} is empty: write at least a 'knobs:' section, e.g. knobs: {{bits: [32, 8]}} "
                           "(the presets cnn and quant are complete examples)")

@@ -11,9 +11,12 @@ same name and storage resumes the study; a different model, space or target is r
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import inspect
 import os
+import re
 import socket
 import time
 import warnings
@@ -25,7 +28,7 @@ import numpy as np
 import optuna
 
 from autosearch.candidate import Candidate, SpaceUnits
-from autosearch.errors import CandidateError, ConfigError, StudyMismatchError
+from autosearch.errors import CandidateError, ConfigError, DiskFullError, StudyMismatchError
 from autosearch.evaluate import Evaluator, default_evaluator, evaluator_fingerprint
 from autosearch.model import import_model
 from autosearch.space import OBJECTIVES, SearchSpace, load_space
@@ -38,7 +41,7 @@ from autosearch.steps.warm_start import apply_narrowing, queue_warm_start
 from autosearch.store import CandidateStore
 from autosearch.target import Target, same_target, target_label
 
-__all__ = ["Study", "check_storage_url", "check_study_name", "default_storage", "heartbeat_settings", "remeasure_front", "search",
+__all__ = ["Study", "check_storage_url", "check_study_name", "check_study_path", "default_storage", "heartbeat_settings", "remeasure_front", "search",
            "work"]
 
 _ATTR = "autosearch"
@@ -65,7 +68,42 @@ def check_study_name(name: Any) -> str:
                 else "starts or ends with a space")
         raise ConfigError(f"study name {name!r} {what}: a study name is a plain name (no path separators, no '..', "
                           "no leading dot), e.g. 'mynet-int8'; use --studies-dir / studies_dir= to choose the folder")
+    ctrl = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    if ctrl is not None:
+        raise ConfigError(f"study name {name!r} holds the control character {ctrl!r}: a study name is printable text "
+                          "(letters, digits, '-', '_'), e.g. 'mynet-int8'")
+    size = len(f"{name}.db".encode("utf-8", "surrogateescape"))
+    if size > _NAME_MAX:
+        raise ConfigError(f"study name {name[:40]!r}... is {size - 3} bytes long: the file system takes at most "
+                          f"{_NAME_MAX} bytes per file name (the study's is <name>.db): give a name of at most "
+                          f"{_NAME_MAX - 3} bytes, e.g. 'mynet-int8'")
     return name
+
+
+_NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
+def check_study_path(name: str, studies_dir: str | Path) -> Path:
+    """The study's folder ``<studies_dir>/<name>``, checked before anything is written: the folders must be
+    folders (not files), and the path short enough for the file system.
+
+    Raises:
+        ConfigError: ``studies_dir`` (or a folder above it) is a file, or a study file's path is too long.
+    """
+    d = Path(studies_dir)
+    for p in (d, *d.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--studies-dir {str(d)!r}: {str(p)!r} is a file, not a folder: pass a folder "
+                              "(it is created when missing), e.g. --studies-dir studies")
+    longest = Path(os.path.abspath(d / name / "candidates" / ("0" * 64) / "metrics.json.tmp"))
+    try:
+        limit = os.pathconf(next((p for p in (d, *d.parents) if p.exists()), Path(".")), "PC_PATH_MAX")
+    except (OSError, ValueError):
+        limit = 4096
+    if len(str(longest).encode("utf-8", "surrogateescape")) >= limit:
+        raise ConfigError(f"the study's files would have paths of {len(str(longest))} bytes under {str(d)!r}, over the file "
+                          f"system's {limit}: give a shorter study name or a shorter --studies-dir")
+    return d / name
 
 
 _DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "mysqldb": "mysqlclient", "pymysql": "pymysql",
@@ -99,7 +137,11 @@ def check_storage_url(url: Any) -> Any:
         pkg = _DRIVERS.get(driver, driver)
         raise ConfigError(f"storage {shown!r} needs the Python driver {driver!r} for {parsed.get_backend_name()}, which is "
                           f"not installed ({exc}): pip install {pkg}") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(f"storage {str(url)!r} is an in-memory SQLite database: each connection sees an empty one, so the "
+                          "study would be lost between steps (and at exit): use a file, sqlite:///studies/mine.db, or "
+                          "leave --storage out")
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
         folder = Path(parsed.database).parent
         if not folder.is_dir():
             raise ConfigError(f"storage {shown!r}: the folder {str(folder)!r} of the SQLite file does not exist: "
@@ -193,6 +235,7 @@ class Study:
             ConfigError: no study of that name in that storage.
         """
         check_study_name(study_name)
+        check_study_path(study_name, studies_dir)
         if storage is not None:
             check_storage_url(storage)
         url = storage or default_storage(study_name, studies_dir)
@@ -462,7 +505,9 @@ def search(
         >>> study.front()                                            # doctest: +SKIP
     """
     check_study_name(study_name)
+    check_study_path(study_name, studies_dir)
     _check_n_trials(n_trials)
+    _check_timeout(timeout)
     if storage is not None:
         check_storage_url(storage)
     say = _print_row if verbose else _silent
@@ -473,7 +518,11 @@ def search(
     me = f"{socket.gethostname()}:{os.getpid()}" + (f"#{worker}" if worker is not None else "")
     sp = ctx.space
 
-    baseline = measure_baseline(ctx)
+    try:
+        baseline = measure_baseline(ctx)
+    except ConfigError:
+        _forget_if_empty(ost, stor)  # a study refused before its first trial keeps nothing (the fixed data then starts afresh)
+        raise
     ost.set_user_attr("baseline", baseline.as_dict())
     floor = _floor(sp, baseline.accuracy)
     say(
@@ -498,7 +547,8 @@ def search(
     _fail_unstarted(ost, stor, say)
     budget = n_trials if n_trials is not None else sp.n_trials
     started = time.perf_counter()
-    with quiet_optuna(optuna.logging.ERROR):
+    ran: list[int] = []  # trials this call finished (a timeout or a stop ends the budget early)
+    with quiet_optuna(optuna.logging.ERROR), _disk_full_stops(ctx.study_dir):
         ost.optimize(
             Objective(ctx, store, baseline, floor,
                       FloatClock(baseline.path, ctx.source.example_feed, ctx.target, baseline.latency_ms, baseline.at),
@@ -507,13 +557,14 @@ def search(
             n_trials=budget,
             timeout=timeout if timeout is not None else sp.timeout_s,
             catch=(CandidateError,),
-            callbacks=[Progress(ctx, n_done + budget, n_done)],
+            callbacks=[Progress(ctx, n_done + budget, n_done), lambda _s, t: ran.append(t.number),
+                       _stop_if_disk_full(ctx.study_dir)],
             gc_after_trial=False,
         )
     study = Study(ost, studies_dir=studies_dir, artifact_store=arts)
     if sp.strategy.remeasure_front and worker is None:
         remeasure_front(study, ctx.target, ctx.source.example_feed, baseline.path, say=say)
-    say(f"[autosearch] {budget} trial(s) in {time.perf_counter() - started:.0f} s; study {study_name!r} at {url}")
+    say(f"[autosearch] {len(ran)} trial(s) in {time.perf_counter() - started:.0f} s; study {study_name!r} at {url}")
     return study
 
 
@@ -632,6 +683,65 @@ def _run_warm_start_once(ctx: SearchContext, ost: optuna.Study, stor: optuna.sto
         ctx.say(f"[autosearch] worker {me}: ran the warm start")
 
 
+_ENOSPC = re.compile(r"\[Errno 28\][^']*(?:'([^']+)')?|No space left on device|database or disk is full")
+
+
+def _disk_full(text: str) -> tuple[bool, str | None]:
+    """Whether an error's text says the disk is full, and the path it names (if any)."""
+    m = _ENOSPC.search(text)
+    return (m is not None, m.group(1) if m and m.lastindex else None)
+
+
+def _disk_full_message(path: Any) -> str:
+    return f"no space left on device at {path}; free space or use --studies-dir (studies_dir=) on another disk; the " \
+           "finished trials are saved (autosearch resume continues the study)"
+
+
+def _stop_if_disk_full(study_dir: Path) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Optuna callback: a trial that failed because the disk is full ends the search (every later trial would too)."""
+    def check(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != optuna.trial.TrialState.FAIL:
+            return
+        full, path = _disk_full(str(trial.user_attrs.get("fail_reason") or trial.system_attrs.get("fail_reason") or ""))
+        if full:
+            raise DiskFullError(_disk_full_message(path or study_dir))
+    return check
+
+
+@contextlib.contextmanager
+def _disk_full_stops(study_dir: Path) -> Any:
+    """An ENOSPC anywhere in a trial (a file, the SQLite storage) becomes one :class:`DiskFullError`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(_disk_full_message(exc.filename or study_dir)) from exc
+    except optuna.exceptions.StorageInternalError as exc:
+        if not _disk_full(f"{exc} {exc.__cause__}")[0]:
+            raise
+        raise DiskFullError(_disk_full_message(f"the study storage ({study_dir.parent})")) from exc
+
+
+def _forget_if_empty(ost: optuna.Study, stor: optuna.storages.BaseStorage) -> None:
+    """Delete a study that holds no trial and no analysis (made by this call, refused before any work)."""
+    if ost.get_trials(deepcopy=False) or "analysis" in ost.user_attrs or "warm_started" in ost.user_attrs:
+        return
+    with contextlib.suppress(Exception):  # another process may have deleted or used it meanwhile: the refusal's error stands
+        optuna.delete_study(study_name=ost.study_name, storage=stor)
+
+
+def _check_timeout(timeout: Any) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(timeout) or timeout <= 0:
+        raise ConfigError(f"timeout is {timeout!r}: pass a number of seconds > 0 (--timeout 600), or None for the space's "
+                          "budget.timeout_s")
+
+
 def _check_n_trials(n_trials: Any) -> None:
     if n_trials is None:
         return
@@ -708,6 +818,7 @@ def _check_knobs(sp: SearchSpace) -> None:
 def _preflight(evaluator: Evaluator, source: Any, sp: SearchSpace, *, say: Any, verbose: bool) -> None:
     """The data checked against the float model before any study is opened: labels within its classes, and
     whether one sample moves the score by more than the space allows (a warning)."""
+    _check_constraints(sp, evaluator)
     check = getattr(evaluator, "validate", None)
     if callable(check):
         import onnxruntime as ort
@@ -730,6 +841,26 @@ def _preflight(evaluator: Evaluator, source: Any, sp: SearchSpace, *, say: Any, 
             warnings.warn(msg[len("[autosearch] warning: "):], UserWarning, stacklevel=3)
 
 
+def _check_constraints(sp: SearchSpace, evaluator: Evaluator) -> None:
+    """The space's constraints against the range of the evaluator's score (when it is a built-in one): an allowed drop
+    as wide as the range makes every candidate feasible, a minimum outside it none (or all)."""
+    from autosearch.steps.baseline import metric_range
+
+    rng = metric_range(evaluator)
+    if rng is None:
+        return
+    lo, hi = rng
+    where = f" in {sp.source}" if sp.source else ""
+    name = getattr(evaluator, "name", "score")
+    if sp.max_accuracy_drop is not None and sp.max_accuracy_drop >= hi - lo:
+        raise ConfigError(f"'constraints.max_accuracy_drop'{where} is {sp.max_accuracy_drop:g}, the whole range of {name} "
+                          f"([{lo:g}, {hi:g}]): every candidate would be feasible; allow a drop below {hi - lo:g}, "
+                          "e.g. 0.01, or null for no drop constraint")
+    if sp.min_accuracy is not None and not lo <= sp.min_accuracy <= hi:
+        raise ConfigError(f"'constraints.min_accuracy'{where} is {sp.min_accuracy:g}, outside the range of {name} "
+                          f"([{lo:g}, {hi:g}]): give a score within it, e.g. 0.9, or null")
+
+
 def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mapping[str, np.ndarray],
                        model: Any = None) -> None:
     """Calibration samples shaped unlike the model's input would fail every quantized trial: say so now. Only the
@@ -747,6 +878,13 @@ def _check_calibration(calibration: list[dict[str, np.ndarray]], example: Mappin
         if got is None:
             raise ConfigError(f"the calibration samples lack the model input {name!r} (they have {sorted(calibration[0])}); "
                               "pass calibration= with one array per input")
+        want = np.asarray(ref).dtype
+        bad = next((k for k, f in enumerate(calibration) if name in f and np.asarray(f[name]).dtype != want), None)
+        if bad is not None:
+            have = np.asarray(calibration[bad][name]).dtype
+            raise ConfigError(f"calibration samples for input {name!r} have dtype {have} (sample {bad}), the model's input "
+                              f"takes {want}: convert them with .astype(np.{want.name}) ('calib' in the .npz, or "
+                              "calibration=)")
         fixed = _fixed_dims(model, name) if model is not None else dict(enumerate(np.shape(ref)))
         if np.ndim(got) != np.ndim(ref) or any(i > 0 and i < np.ndim(got) and np.shape(got)[i] != d for i, d in fixed.items()):
             raise ConfigError(f"calibration samples for input {name!r} have per-sample shape {list(np.shape(got)[1:])}, "
