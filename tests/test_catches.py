@@ -406,3 +406,145 @@ def test_calibration_with_another_free_sequence_length_is_accepted() -> None:
     _check_calibration([{"x": np.zeros((1, 12, 8), np.float32)}], example, model)
     with pytest.raises(ConfigError, match=r"per-sample shape \[12, 7\]"):
         _check_calibration([{"x": np.zeros((1, 12, 7), np.float32)}], example, model)
+
+
+# --------------------------------------------------------------------------- 9. the profiler service
+PROFILER_TOKEN = "t0ken-for-catches"
+
+
+def _profiler_client() -> Any:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from autosearch.profiler import create_app
+
+    return create_app(token=PROFILER_TOKEN), TestClient
+
+
+def _upload(model: Path, **params: Any) -> bytes:
+    """A /profile or /nodes body as the protocol documents it: params, the model's bytes, the feed."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, __params__=np.frombuffer(json.dumps(params).encode(), np.uint8),
+             __model_0__=np.frombuffer(model.read_bytes(), np.uint8), x=np.zeros((1, 16), np.float32))
+    return buf.getvalue()
+
+
+def test_every_profiler_endpoint_asks_for_the_token(tmp_path: Path) -> None:
+    """Every route the profiler app serves (its API and anything FastAPI adds) answers 401 without the token
+    and with a wrong one, for each of its methods; the right token gets through. The routes are read from the
+    app, so a new endpoint without the check fails here too.
+
+    Catches: autosearch/profiler.py, create_app's guard: ``if not authorized(request):`` changed to
+    ``if not authorized(request) and request.url.path != "/nodes":`` (one endpoint left open).
+    """
+    app, client_of = _profiler_client()
+    client = client_of(app)
+    body = _upload(tiny_onnx(tmp_path / "m.onnx"), warmup=1, min_runs=2, max_runs=4, max_seconds=0.05, runs=2)
+    routes = [(r.path, sorted(getattr(r, "methods", None) or {"GET"})) for r in app.routes]
+    assert {"/device", "/profile", "/nodes"} <= {p for p, _ in routes}
+    asked = 0
+    for path, methods in routes:
+        url = path.replace("{", "").replace("}", "")  # a path parameter filled with its own name
+        for method in methods:
+            if method == "HEAD":
+                continue
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": PROFILER_TOKEN}):
+                r = client.request(method, url, headers=headers, content=body if method == "POST" else None)
+                assert r.status_code == 401, (method, path, headers, r.status_code)
+                assert "token" in r.json()["error"]
+                asked += 1
+    assert asked >= 9
+    ok = {"Authorization": f"Bearer {PROFILER_TOKEN}"}
+    assert client.get("/device", headers=ok).status_code == 200
+    assert client.post("/nodes", headers=ok, content=body).status_code == 200  # the body is a valid upload
+
+
+def test_profiler_uploads_are_deleted_after_each_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uploaded model is written to a temporary folder while it is measured (seen there during the
+    request) and nothing of it is left once the answer came, for /profile and /nodes, and for a model
+    ONNX Runtime refuses (422).
+
+    Catches: autosearch/profiler.py, measure: ``with tempfile.TemporaryDirectory(prefix="as_srv_") as tmp:``
+    changed to ``with contextlib.nullcontext(tempfile.mkdtemp(prefix="as_srv_")) as tmp:`` (kept after use).
+    """
+    import tempfile
+    import threading
+
+    app, client_of = _profiler_client()
+    home = tmp_path / "tmp"
+    home.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(home))  # where this process' temporary files go
+    client = client_of(app)
+    ok = {"Authorization": f"Bearer {PROFILER_TOKEN}"}
+    model = tiny_onnx(tmp_path / "m.onnx")
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                seen.update(str(p.relative_to(home)) for p in home.rglob("*.onnx"))
+            except OSError:  # a folder deleted while it was read
+                pass
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fast = {"warmup": 2, "min_runs": 20, "max_runs": 10**6, "max_seconds": 0.3, "rel_precision": 0.0}
+        r = client.post("/profile", headers=ok, content=_upload(model, **fast))
+        assert r.status_code == 200, r.text
+        assert not list(home.iterdir()), list(home.rglob("*"))
+        r = client.post("/nodes", headers=ok, content=_upload(model, runs=200, **fast))
+        assert r.status_code == 200, r.text
+        assert not list(home.iterdir()), list(home.rglob("*"))
+        # a model ONNX Runtime cannot load (a node of an op it does not know): refused, its upload deleted too
+        bad = onnx.load(str(model))
+        bad.graph.node[2].op_type = "NoSuchOp"
+        onnx.save(bad, str(tmp_path / "bad.onnx"))
+        r = client.post("/profile", headers=ok, content=_upload(tmp_path / "bad.onnx", **fast))
+        assert r.status_code == 422, r.text
+    finally:
+        stop.set()
+        watcher.join()
+    assert any(s.endswith(".onnx") for s in seen), "the upload was never seen in the temporary folder"
+    assert not list(home.iterdir()), list(home.rglob("*"))
+
+
+# --------------------------------------------------------------------------- 10. the evaluator fingerprint
+def test_evaluator_fingerprint_covers_every_sample_and_label() -> None:
+    """Changing only the last value of the last sample (inputs, calibration), the last label, or the last
+    value of a given reference changes the fingerprint; an equal copy keeps it. The arrays are 64 kB each,
+    so a hash of a prefix (or of the first samples) misses the change.
+
+    Catches: autosearch/evaluate.py, _fingerprint: ``arr.view(np.uint8).reshape(-1).data`` changed to
+    ``arr.view(np.uint8).reshape(-1)[:4096].data`` (only the first bytes of each array hashed); and
+    ``for where, arr in _arrays(part):`` changed to ``... _arrays(part)[:1]:`` (only the first feed of a list).
+    """
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 16)).astype(np.float32)
+    y = rng.integers(0, 10, 1000)
+    cal = rng.standard_normal((1000, 16)).astype(np.float32)
+    ref = [rng.standard_normal((1000, 16)).astype(np.float32)]
+
+    def last_changed(a: np.ndarray) -> np.ndarray:
+        b = a.copy()
+        b.reshape(-1)[-1] += 1
+        return b
+
+    base = LabelledEvaluator(x, y, calibration=cal).fingerprint()
+    assert LabelledEvaluator(x.copy(), y.copy(), calibration=cal.copy()).fingerprint() == base
+    assert LabelledEvaluator(last_changed(x), y, calibration=cal).fingerprint() != base
+    assert LabelledEvaluator(x, last_changed(y), calibration=cal).fingerprint() != base
+    assert LabelledEvaluator(x, y, calibration=last_changed(cal)).fingerprint() != base
+    feeds = [{"x": x[i : i + 1]} for i in range(len(x))]  # a list of feeds: the last feed changed
+    changed_feeds = [*feeds[:-1], {"x": last_changed(x[-1:])}]
+    assert LabelledEvaluator(feeds, y).fingerprint() != LabelledEvaluator(changed_feeds, y).fingerprint()
+
+    fid = FidelityEvaluator(x, calibration=cal, reference=ref).fingerprint()
+    assert FidelityEvaluator(x.copy(), calibration=cal.copy(), reference=[ref[0].copy()]).fingerprint() == fid
+    assert FidelityEvaluator(last_changed(x), calibration=cal, reference=ref).fingerprint() != fid
+    assert FidelityEvaluator(x, calibration=last_changed(cal), reference=ref).fingerprint() != fid
+    assert FidelityEvaluator(x, calibration=cal, reference=[last_changed(ref[0])]).fingerprint() != fid
