@@ -548,3 +548,121 @@ def test_evaluator_fingerprint_covers_every_sample_and_label() -> None:
     assert FidelityEvaluator(last_changed(x), calibration=cal, reference=ref).fingerprint() != fid
     assert FidelityEvaluator(x, calibration=last_changed(cal), reference=ref).fingerprint() != fid
     assert FidelityEvaluator(x, calibration=cal, reference=[last_changed(ref[0])]).fingerprint() != fid
+
+
+# --------------------------------------------------------------------------- 11. import: free dims, BatchNorm folding
+@pytest.mark.parametrize("spelled", [0, -1])
+def test_zero_or_minus_one_dims_become_free_on_import(tmp_path: Path, spelled: int) -> None:
+    """An ONNX input and output whose batch is written ``dim_value`` 0 or -1 (a common spelling of a free
+    dimension) import with a named free dimension: the imported graph runs at batch 1 and 5 in ONNX Runtime
+    with shape checks, the source batches, its batch is not fixed, and the note says so.
+
+    Catches: autosearch/model.py, normalize_onnx: ``if d.HasField("dim_value") and d.dim_value <= 0:`` changed
+    to ``... d.dim_value < 0:`` (a 0 stays a fixed dimension of size 0).
+    """
+    from autosearch.model import import_model
+
+    w = np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32)
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])
+    for vi in (x_info, y_info):
+        vi.type.tensor_type.shape.dim[0].dim_value = spelled
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "g", [x_info], [y_info],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    src = import_model(tmp_path / "m.onnx")
+    for vi in (*src.onnx_model.graph.input, *src.onnx_model.graph.output):
+        d0 = vi.type.tensor_type.shape.dim[0]
+        assert not d0.HasField("dim_value") and d0.dim_param, (vi.name, d0)
+    assert src.input_batch_fixed() is None and src.batchable
+    assert any("taken as free dimensions" in n for n in src.notes), src.notes
+    sess = _plain_session(src.save(tmp_path / "imported.onnx"))
+    for batch in (1, 5):
+        xs = np.random.default_rng(batch).standard_normal((batch, 16)).astype(np.float32)
+        np.testing.assert_allclose(sess.run(None, {"x": xs})[0], xs @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_folded_on_import_keeps_its_epsilon(tmp_path: Path) -> None:
+    """A Conv -> BatchNormalization(epsilon=0.1) whose variances are of the epsilon's size is folded on import
+    (no BatchNormalization left, the note says so) and the folded graph computes what ONNX Runtime computes on
+    the unfolded one. With the default 1e-5 instead of 0.1 the folded outputs are off by a factor of up to 3,
+    and the import would keep the BatchNormalization unfolded (its equality check).
+
+    Catches: autosearch/model.py, _fold_batchnorm: ``factor = scale / np.sqrt(var + float(attrs.get("epsilon",
+    1e-5)))`` changed to ``factor = scale / np.sqrt(var + 1e-5)`` (the node's epsilon ignored).
+    """
+    from autosearch.model import import_model
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.uniform(0.5, 2.0, 8).astype(np.float32), "scale"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.01, 0.2, 8).astype(np.float32), "var")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "beta", "mean", "var"], ["y"], name="bn", epsilon=0.1)]
+    graph = helper.make_graph(nodes, "convbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "convbn.onnx"))
+    src = import_model(tmp_path / "convbn.onnx")
+    assert [n.op_type for n in src.onnx_model.graph.node] == ["Conv"], src.notes
+    assert any("folded 1 BatchNormalization" in n for n in src.notes), src.notes
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    want = _plain_session(tmp_path / "convbn.onnx").run(None, {"x": x})[0]
+    got = _plain_session(src.save(tmp_path / "folded.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+# --------------------------------------------------------------------------- 12. pruning an ONNX model with a depthwise conv
+def test_pruned_depthwise_conv_of_an_onnx_model_gets_its_group_written_back(tmp_path: Path) -> None:
+    """Conv(3->12) -> depthwise Conv(12, group 12) -> Conv(12->8), given as ONNX: pruning the first conv's group
+    by half narrows the depthwise conv to 6 channels, and the graph written back says ``group=6``, runs in
+    ONNX Runtime and computes what the pruned torch module computes.
+
+    Catches: autosearch/transforms/onnx_torch.py, write_back: ``_set_attr(node, "group", int(leaf.groups))``
+    changed to ``pass`` (the written depthwise conv keeps group 12 with 6 channels: ORT refuses the graph).
+    """
+    from autosearch.knobs import knob
+    from autosearch.model import import_model
+    from autosearch.transforms.onnx_torch import write_back
+    from autosearch.transforms.structural import apply_structural
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal((12, 3, 3, 3)) / 3).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "b0"),
+             numpy_helper.from_array((rng.standard_normal((12, 1, 3, 3)) / 3).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((8, 12, 1, 1)) / 3).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="Conv.0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="Relu.0"),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="Conv.dw", pads=[1, 1, 1, 1], group=12),
+             helper.make_node("Relu", ["c1"], ["r1"], name="Relu.1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="Conv.2")]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = import_model(model)
+    assert src.trainable, src.not_trainable_reason
+    conv = src.converted
+    units, _ = knob("prune").find_units(src)
+    assert "Conv.0" in units, units
+    pruned = apply_structural(conv.module, conv.example, prune={conv.path_of("Conv.0"): 0.5}, reconstruct=False,
+                              recalibrate_bn=False)
+    assert pruned.get_submodule(conv.path_of("Conv.dw")).groups == 6  # torch-pruning narrowed the depthwise conv
+    built = write_back(src.onnx_model, conv, pruned)
+    dw = next(n for n in built.graph.node if n.name == "Conv.dw")
+    assert next(a.i for a in dw.attribute if a.name == "group") == 6
+    dims = {t.name: list(t.dims) for t in built.graph.initializer}
+    assert (dims["w0"], dims["w1"], dims["w2"]) == ([6, 3, 3, 3], [6, 1, 3, 3], [8, 6, 1, 1])
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = pruned(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(built.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
