@@ -666,3 +666,66 @@ def test_pruned_depthwise_conv_of_an_onnx_model_gets_its_group_written_back(tmp_
         want = pruned(torch.from_numpy(x)).numpy()
     got = ort.InferenceSession(built.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- 13. the calibration memory bound
+def _input_scale(path: Path, name: str = "x") -> float:
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == name)
+    return float(inits[q.input[1]])
+
+
+def test_histogram_calibration_takes_only_the_samples_the_memory_bound_allows(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a memory bound of one byte the percentile calibrator gets 4 of the 40 samples (every 10th, as the
+    note says): sample 5 holds an outlier of 1000 that then never reaches the calibrator, so the input's
+    quantization scale stays that of values around 1; with the usual bound all 40 samples are used and the
+    outlier sets the scale.
+
+    Catches: autosearch/build.py, BuildState.quantize: the line ``cal = cal[:: -(-len(cal) // most)][:most]``
+    deleted (every sample calibrated, whatever the bound); and ``most = max(4, CALIBRATION_MEMORY // ...)``
+    changed to ``most = max(4, (1 << 30) // ...)`` (the bound not read).
+    """
+    from autosearch import build
+    from autosearch.build import build_candidate
+    from autosearch.model import import_model
+
+    source = import_model(tiny_onnx(tmp_path / "mlp.onnx"))
+    rng = np.random.default_rng(0)
+    cal = [{"x": rng.uniform(-1, 1, (1, 16)).astype(np.float32)} for _ in range(40)]
+    cal[5]["x"][0, 3] = 1000.0
+    units = ("fc1_matmul", "fc2")
+    cand = Candidate(bits={u: 8 for u in units}, quant={"mode": "static", "activation_type": "uint8", "per_channel": True,
+                                                       "calibrate_method": "percentile"})
+    full = build_candidate(source, cand, tmp_path / "full", bits_units=units, calibration=cal)
+    assert not any("memory bound" in n for n in full.notes)
+    assert _input_scale(full.path) > 1.0  # the outlier was calibrated: 1000 spread over 255 steps
+    monkeypatch.setattr(build, "CALIBRATION_MEMORY", 1)
+    bounded = build_candidate(source, cand, tmp_path / "bounded", bits_units=units, calibration=cal)
+    assert "percentile calibration on 4 of 40 samples (memory bound)" in bounded.notes, bounded.notes
+    assert _input_scale(bounded.path) < 0.05  # values in [-1, 1] only: sample 5 was left out
+
+
+# --------------------------------------------------------------------------- 14. scaled_cosine and all-zero channels
+def test_scaled_cosine_scores_a_channel_that_is_zero_in_the_original() -> None:
+    """An output [n, 6] with four box-like channels (~1000), one score channel (~1) and one channel that is
+    zero in every sample of the original: a candidate equal to it except that channel, now about 1, scores
+    well below 1 (the zero channel sits in the smallest band, where it weighs as much as the score); the
+    plain cosine cannot see it (the large channels swamp it). The original scores 1.
+
+    Catches: autosearch/metrics.py, scale_bands: ``bands[0] = np.sort(np.concatenate([bands[0], zeros]))``
+    changed to ``pass`` (all-zero channels in no band: the change goes unscored).
+    """
+    from autosearch.metrics import cosine, scale_bands, scaled_cosine
+
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([1000 + 100 * rng.standard_normal((50, 4)), rng.uniform(0.5, 1.5, (50, 1)), np.zeros((50, 1))],
+                         axis=1).astype(np.float32)
+    got = ref.copy()
+    got[:, 5] = rng.uniform(0.5, 1.5, 50)
+    axis, bands = scale_bands(ref)
+    assert axis == 1 and any(5 in b for b in bands)
+    assert scaled_cosine([ref], [ref]) == pytest.approx(1.0)
+    assert cosine([got], [ref]) > 0.9999  # the whole-output cosine does not see it
+    assert scaled_cosine([got], [ref]) < 0.8
