@@ -729,3 +729,70 @@ def test_scaled_cosine_scores_a_channel_that_is_zero_in_the_original() -> None:
     assert scaled_cosine([ref], [ref]) == pytest.approx(1.0)
     assert cosine([got], [ref]) > 0.9999  # the whole-output cosine does not see it
     assert scaled_cosine([got], [ref]) < 0.8
+
+
+# --------------------------------------------------------------------------- 15. early stopping
+def exact_agreement(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """1.0 where every output equals the original's (to float rounding), else 0.0: any int8 model scores 0."""
+    return float(all(np.allclose(o, r, rtol=0, atol=1e-6) for o, r in zip(outputs, reference)))
+
+
+def test_a_candidate_stopped_early_is_a_pruned_trial_with_its_subset_score(tmp_path: Path) -> None:
+    """With 200 samples and an accuracy floor, the int8 candidate (which scores 0 by construction: the metric
+    asks for exact equality) is scored on a subset, found far below the floor and not timed: its trial is
+    PRUNED (not FAIL), carries its subset score and ``early_stopped``, and the float trial before it is COMPLETE.
+
+    Catches: autosearch/steps/objective.py, Objective._run: ``raise optuna.TrialPruned(f"scored {acc:.4f} on a
+    subset, ...")`` changed to ``raise CandidateError(...)`` (a FAIL trial).
+    """
+    mlp = tiny_onnx(tmp_path / "mlp.onnx")
+    x = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    space = {**QUANT_SPACE, "constraints": {"max_accuracy_drop": 0.01}}
+    study = search(mlp, FidelityEvaluator(x, metric=exact_agreement), space=space, target=_target(tmp_path),
+                   study_name="es", studies_dir=tmp_path / "s", n_trials=2, verbose=False)
+    trials = study.optuna_study.trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert trials[0].user_attrs["accuracy"] == 1.0
+    stopped = trials[1]
+    assert set(stopped.user_attrs["candidate"]["bits"].values()) == {8}
+    assert stopped.user_attrs["early_stopped"] is True and stopped.user_attrs["accuracy"] == 0.0
+    assert study.trials()["state"][1] == "PRUNED"
+
+
+# --------------------------------------------------------------------------- 16. the Keras parity check
+def test_keras_conversion_that_differs_from_tensorflow_is_stopped(tmp_path: Path) -> None:
+    """A Keras model that adds uniform noise x10 at inference converts (tf2onnx writes a RandomUniformLike), but
+    its ONNX outputs cannot match TensorFlow's: the conversion and the import stop with one line naming the
+    output and the difference. The same model without the noise converts with its parity recorded.
+
+    Catches: autosearch/keras_import.py, keras_to_onnx: ``parity = compare_outputs(expected, _run_onnx(...),
+    tolerance=tolerance,`` changed to ``tolerance=float("inf"),`` (the check runs but never stops anything).
+    """
+    import os
+
+    for var in ("TF_CPP_MIN_LOG_LEVEL", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(var, "2" if var == "TF_CPP_MIN_LOG_LEVEL" else "1")
+    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    keras = pytest.importorskip("keras")
+    from autosearch.keras_import import keras_to_onnx
+    from autosearch.model import import_model
+
+    class Noise(keras.layers.Layer):
+        def call(self, x: Any) -> Any:
+            return x + 10.0 * tf.random.uniform(tf.shape(x))
+
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(4)
+    plain = keras.Sequential([keras.Input((6,), name="v"), dense])
+    noisy = keras.Sequential([keras.Input((6,), name="v"), dense, Noise()])
+    feed = {"v": np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)}
+    ok = keras_to_onnx(plain, feed)
+    assert set(ok.parity) == {"output"} and ok.parity["output"] <= 1e-4
+    assert "its outputs match TensorFlow's on the example input" in ok.notes[0]
+    said = r"does not match TensorFlow on the example input: output 'output' differs by up to [\d.]+ \([\d.]+ of its scale"
+    with pytest.raises(ConfigError, match=said) as err:
+        keras_to_onnx(noisy, feed)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=said):
+        import_model(noisy, feed)
