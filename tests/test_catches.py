@@ -796,3 +796,38 @@ def test_keras_conversion_that_differs_from_tensorflow_is_stopped(tmp_path: Path
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=said):
         import_model(noisy, feed)
+
+
+# --------------------------------------------------------------------------- 17. the warm-start claim's lease
+def test_a_held_claim_keeps_beating_while_its_holder_works_past_the_lease(tmp_path: Path) -> None:
+    """The holder of the warm-start claim (a real SQLite storage) works 2.5 s inside its lease, longer than the
+    1 s lease: its beat advances meanwhile, and a second worker waiting 2 s for it (polling every 50 ms)
+    does not take the claim over (still generation 1, no "took over"); once the holder finishes, the claim
+    says so.
+
+    Catches: autosearch/claim.py, Lease._beat: ``while not self._stop.wait(self.interval):`` changed to
+    ``while False:`` (no beat: the waiter takes the claim over after 1 s and the analysis runs twice);
+    likewise ``self.stor.set_study_user_attr(self.claim_id, "beat", n)`` changed to ``..., "beat", 0)``.
+    """
+    import threading
+
+    from autosearch.claim import Lease, acquire, latest_claim
+
+    stor = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'claims.db'}")
+    said: list[str] = []
+    kw: dict[str, Any] = {"done": lambda: False, "say": said.append, "lease_s": 1.0, "beat_s": 0.1, "poll_s": 0.05}
+    lease = acquire(stor, "ws", "holder:1", wait_s=1.0, **kw)
+    assert isinstance(lease, Lease) and lease.generation == 1
+    waited: list[Any] = []
+    with lease:
+        start_beat = stor.get_study_user_attrs(lease.claim_id)["beat"]
+        waiter = threading.Thread(target=lambda: waited.append(acquire(stor, "ws", "waiter:2", wait_s=2.0, **kw)))
+        waiter.start()
+        time.sleep(2.5)  # the holder's work, longer than the lease
+        end_beat = stor.get_study_user_attrs(lease.claim_id)["beat"]
+        waiter.join()
+    assert waited == [None], said  # the waiter gave up after its wait: the holder was alive
+    assert not any("took over" in s for s in said), said
+    assert latest_claim(stor, "ws")[0] == 1
+    assert end_beat - start_beat >= 5, (start_beat, end_beat)  # about 25 beats of 0.1 s
+    assert stor.get_study_user_attrs(lease.claim_id).get("finished")
