@@ -831,3 +831,71 @@ def test_a_held_claim_keeps_beating_while_its_holder_works_past_the_lease(tmp_pa
     assert latest_claim(stor, "ws")[0] == 1
     assert end_beat - start_beat >= 5, (start_beat, end_beat)  # about 25 beats of 0.1 s
     assert stor.get_study_user_attrs(lease.claim_id).get("finished")
+
+
+# --------------------------------------------------------------------------- 18. a structural step that fails
+class _TrainTrap(nn.Module):
+    """The model as it was, except that it cannot run with gradients on (as distillation runs it)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError("this layer cannot train")
+        return self.inner(x)
+
+
+class _Trap:
+    """A plug-in structural knob (value 1 wraps the model in :class:`_TrainTrap`); made a Knob in the fixture."""
+
+    name, neutral, order, options, structural = "trap", 0, 5, "recovery", True
+
+    def check(self, value: Any) -> int:
+        if value not in (0, 1):
+            raise ValueError(f"{value!r}; allowed: 0, 1")
+        return int(value)
+
+    def find_units(self, source: Any) -> tuple[list[str], list[str]]:
+        return ["model"], []
+
+    def apply(self, state: Any, values: Any) -> None:
+        state.edit_module(_TrainTrap)
+
+
+@pytest.fixture()
+def trap_knob():
+    from autosearch.knobs import Knob, register, unregister
+
+    register(type("Trap", (_Trap, Knob), {})())
+    yield "trap"
+    unregister("trap")
+
+
+def test_a_failure_inside_distillation_is_a_failed_trial_and_the_search_goes_on(trap_knob: str, tmp_path: Path) -> None:
+    """A candidate whose distillation raises inside the structural transform (a plug-in knob's edit makes the
+    model fail when it computes gradients; distill_steps 3) is a FAIL trial whose reason names the stage and the error;
+    the study runs all its trials, the others COMPLETE.
+
+    Catches: autosearch/build.py, _structural: ``raise CandidateError(f"structural transform failed: ...")
+    from exc`` changed to ``raise`` (the RuntimeError ends the search).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    space = {"knobs": {"trap": [0, 1], "bits": [32, 8]}, "quantization": {"mode": ["dynamic"]},
+             "recovery": {"distill_steps": 3}, "constraints": {"max_accuracy_drop": None},
+             "strategy": {"analysis": False, "remeasure_front": False}, "sampler": {"name": "random", "seed": 2}}
+    study = search(model, FidelityEvaluator(x), example_inputs=torch.from_numpy(x[:1]), space=space,
+                   target=_target(tmp_path), study_name="trap", studies_dir=tmp_path / "s", n_trials=6, verbose=False)
+    df = study.trials()
+    assert len(df) == 6
+    trapped = [i for i, t in enumerate(study.optuna_study.trials) if t.user_attrs["candidate"].get("trap")]
+    assert trapped and max(set(range(6)) - set(trapped)) > min(trapped), trapped  # a trial completed after a failure
+    for i in range(6):
+        if i in trapped:
+            assert df["state"][i] == "FAIL"
+            assert "structural transform failed: RuntimeError: this layer cannot train" in df["reason"][i]
+        else:
+            assert df["state"][i] == "COMPLETE", (i, df["reason"][i])
