@@ -8,7 +8,7 @@ run loudly.
 
 from __future__ import annotations
 
-__all__ = ["AutosearchError", "CandidateError", "ConfigError", "StudyMismatchError"]
+__all__ = ["AutosearchError", "CandidateError", "ConfigError", "SearchStopped", "Stopped", "StudyMismatchError"]
 
 
 class AutosearchError(Exception):
@@ -25,3 +25,16 @@ class CandidateError(AutosearchError):
 
 class StudyMismatchError(ConfigError):
     """A study was resumed with a different model, search space or target."""
+
+
+class SearchStopped(AutosearchError):
+    """The search stopped for a cause outside any candidate (a profiler that stopped answering for the whole
+    bounded wait): the trial it stopped is FAIL with the reason, every finished trial is kept, a resume goes on."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM): handled like Ctrl-C, the running trial FAIL with the reason."""
+
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name

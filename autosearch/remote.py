@@ -27,7 +27,16 @@ import numpy as np
 from autosearch.errors import CandidateError, ConfigError
 from autosearch.target import LatencyStats, Target, TimingTarget
 
-__all__ = ["RemoteTarget", "target_from_identity"]
+__all__ = ["RemoteTarget", "TargetUnreachable", "target_from_identity"]
+
+
+class TargetUnreachable(CandidateError):
+    """The profiler could not be reached (no connection, or the connection broke): says nothing about the
+    candidate, so it is not stored as the candidate's failure; the search waits for the profiler and tries again."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,9 @@ class RemoteTarget:
             resp = httpx.request(method, url, content=body, timeout=self.timeout_s,
                                  headers={"Authorization": f"Bearer {self._token()}",
                                           "Content-Type": "application/octet-stream"})
+        except httpx.TransportError as exc:  # connecting, or the connection itself: the profiler is not there
+            raise TargetUnreachable(f"the profiler at {self.url} did not answer ({type(exc).__name__}: {exc})",
+                                    url=self.url) from exc
         except httpx.HTTPError as exc:
             raise CandidateError(f"the profiler at {self.url} did not answer ({type(exc).__name__}: {exc})") from exc
         try:
