@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autosearch.errors import AutosearchError, ConfigError
+from autosearch.errors import AutosearchError, ConfigError, SearchStopped, Stopped
 
 __all__ = ["main"]
 
@@ -579,8 +581,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         ap.print_help()
         return 2
+    stoppable = args.command in _STOPPABLE and threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _on_sigterm) if stoppable else None
     try:
         return _cmd(args)
+    except SearchStopped as exc:
+        study = getattr(args, "study", None) or "<study>"
+        print(f"autosearch: stopped: {exc} (`autosearch resume {study}`)", file=sys.stderr)
+        return 75
     except AutosearchError as exc:
         if args.debug:
             traceback.print_exc()
@@ -591,10 +599,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"autosearch: error: {_os_error(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         study = getattr(args, "study", None) or "<study>"
-        print(f"\nautosearch: interrupted; finished trials are saved, resume with `autosearch resume {study}`", file=sys.stderr)
-        return 130
+        how = f"stopped by {exc.signal_name}" if isinstance(exc, Stopped) else "interrupted"
+        print(f"\nautosearch: {how}; finished trials are saved, resume with `autosearch resume {study}`", file=sys.stderr)
+        return 143 if isinstance(exc, Stopped) else 130
+    finally:
+        if stoppable:
+            signal.signal(signal.SIGTERM, before)
+
+
+# commands that run trials: SIGTERM stops them as Ctrl-C does (the running trial FAIL with the reason, exit 143)
+_STOPPABLE = ("demo", "search", "resume", "worker", "analyze")
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    del signum, frame
+    raise Stopped("SIGTERM")
 
 
 if __name__ == "__main__":  # pragma: no cover

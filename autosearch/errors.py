@@ -8,7 +8,7 @@ run loudly.
 
 from __future__ import annotations
 
-__all__ = ["AutosearchError", "CandidateError", "ConfigError", "DiskFullError", "StudyMismatchError"]
+__all__ = ["AutosearchError", "CandidateError", "ConfigError", "DiskFullError", "SearchStopped", "Stopped", "StudyMismatchError"]
 
 
 class AutosearchError(Exception):
@@ -29,3 +29,14 @@ class StudyMismatchError(ConfigError):
 
 class DiskFullError(AutosearchError):
     """The disk the study writes to is full: the search stops (its finished trials are kept)."""
+class SearchStopped(AutosearchError):
+    """The search stopped for a cause outside any candidate (a profiler that stopped answering for the whole
+    bounded wait): the trial it stopped is FAIL with the reason, every finished trial is kept, a resume goes on."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM): handled like Ctrl-C, the running trial FAIL with the reason."""
+
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -27,7 +27,7 @@ import numpy as np
 from autosearch.errors import CandidateError, ConfigError
 from autosearch.target import LatencyStats, Target, TimingTarget
 
-__all__ = ["RemoteTarget", "redact_url", "target_from_identity"]
+__all__ = ["RemoteTarget", "TargetUnreachable", "redact_url", "target_from_identity"]
 
 _HIDDEN = "***"
 
@@ -50,6 +50,15 @@ def redact_url(url: str) -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, query, _HIDDEN if parts.fragment else ""))
     except ValueError:
         return "<unparsable URL>"
+
+
+class TargetUnreachable(CandidateError):
+    """The profiler could not be reached (no connection, or the connection broke): says nothing about the
+    candidate, so it is not stored as the candidate's failure; the search waits for the profiler and tries again."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,10 @@ class RemoteTarget:
                                           "Content-Type": "application/octet-stream"})
         except httpx.HTTPError as exc:  # httpx puts the URL in its messages: redacted here
             reason = str(exc).replace(url, redact_url(url)).replace(self.url, self.shown_url)
-            raise CandidateError(f"the profiler at {self.shown_url} did not answer ({type(exc).__name__}: {reason})") from None
+            message = f"the profiler at {self.shown_url} did not answer ({type(exc).__name__}: {reason})"
+            if isinstance(exc, httpx.TransportError):  # connecting, or the connection itself: the profiler is not there
+                raise TargetUnreachable(message, url=self.shown_url) from None
+            raise CandidateError(message) from None
         try:
             data = resp.json()
         except ValueError:

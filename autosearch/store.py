@@ -36,7 +36,10 @@ from autosearch.candidate import Candidate
 from autosearch.errors import CandidateError
 from autosearch.evaluate import Evaluator, evaluator_fingerprint
 from autosearch.model import SourceModel
+from autosearch.remote import TargetUnreachable
 from autosearch.target import Target
+from autosearch.toolchain import toolchain as toolchain_of
+from autosearch.toolchain import toolchain_fingerprint
 
 __all__ = ["CandidateStore", "read_json", "write_json"]
 
@@ -55,6 +58,9 @@ class CandidateStore:
         base_latency_ms: The float model's latency (a candidate's ``speedup`` divides it).
         evaluator_fingerprint: The evaluator's data and metric (default: computed from ``evaluator``); part of
             each folder's key, so a record scored on other data is never taken for this one's.
+        toolchain: The versions that build and time the candidates (default: :func:`autosearch.toolchain.toolchain`
+            of ``source`` and ``units``); part of each folder's key, so a record made before an upgrade of ONNX
+            Runtime, torch or AutoSearch is measured again, not taken for this one's.
     """
 
     root: Path
@@ -67,14 +73,18 @@ class CandidateStore:
     also: Mapping[str, Any] = field(default_factory=dict)  # label -> (target, float latency on it)
     evaluator_fingerprint: str = field(default="")
     artifacts: Any = None  # an optuna.artifacts store: publish() uploads to it
+    toolchain: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.evaluator_fingerprint:
             self.evaluator_fingerprint = evaluator_fingerprint(self.evaluator)[0]
+        if not self.toolchain:
+            self.toolchain = toolchain_of(self.source, self.units)
+        self._tools = toolchain_fingerprint(self.toolchain)
 
     def folder(self, cand: Candidate) -> Path:
         """Absolute: trials record this path, and a study is read from any working directory."""
-        return self.root.resolve() / "candidates" / cand.key(self.source.fingerprint + self.evaluator_fingerprint)
+        return self.root.resolve() / "candidates" / cand.key(self.source.fingerprint + self.evaluator_fingerprint + self._tools)
 
     def model_path(self, cand: Candidate) -> Path:
         return self.folder(cand) / "model.onnx"
@@ -140,6 +150,8 @@ class CandidateStore:
         mfile = self.folder(cand) / "metrics.json"
         try:
             rec = self._measure(cand, floor)
+        except TargetUnreachable:
+            raise  # the profiler was not there: nothing is known about the candidate, nothing is stored
         except CandidateError as exc:
             write_json(mfile, {"error": str(exc)})
             raise

@@ -28,6 +28,7 @@ import numpy as np
 import optuna
 
 from autosearch.candidate import Candidate, SpaceUnits
+from autosearch.claim import _dead_here, _pidns
 from autosearch.errors import CandidateError, ConfigError, DiskFullError, StudyMismatchError
 from autosearch.evaluate import Evaluator, default_evaluator, evaluator_fingerprint
 from autosearch.model import import_model
@@ -40,6 +41,7 @@ from autosearch.steps.units import discover_units, no_units_reason
 from autosearch.steps.warm_start import apply_narrowing, queue_warm_start
 from autosearch.store import CandidateStore
 from autosearch.target import Target, same_target, target_label
+from autosearch.toolchain import toolchain
 
 __all__ = ["Study", "check_storage_url", "check_study_name", "check_study_path", "default_storage", "heartbeat_settings", "remeasure_front", "search",
            "work"]
@@ -167,7 +169,8 @@ def heartbeat_settings() -> tuple[int, int]:
 def _storage(url: str) -> optuna.storages.BaseStorage:
     """The RDB storage with a heartbeat: a trial whose worker died (no beat within the grace period) is marked
     FAIL by the next trial that starts (Optuna's ``fail_stale_trials``) and queued again once with the same
-    parameters (``system_attrs["failed_trial"]`` names the one it retries)."""
+    parameters (``system_attrs["failed_trial"]`` names the one it retries); the failed trial's ``fail_reason``
+    says which worker stopped beating, when it last beat and the trial it was retried as (:class:`_StaleTrials`)."""
     from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
     parsed = check_storage_url(url)
@@ -177,15 +180,16 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
         # Optuna 4.9 renamed failed_trial_callback (deprecated since) to heartbeat_stale_trial_callback
         cb = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
               in inspect.signature(optuna.storages.RDBStorage.__init__).parameters else "failed_trial_callback")
-        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-        kw: dict[str, Any] = {"heartbeat_interval": interval, "grace_period": grace, cb: retry(max_retry=1)}
+        stale = _StaleTrials(grace)
+        kw: dict[str, Any] = {"heartbeat_interval": interval, "grace_period": grace, cb: stale}
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
     try:
         for attempt in range(5):
             try:
                 with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna (since 2.9)
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
+                    stale.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
+                    return stale.storage
             except (IntegrityError, ProgrammingError):
                 # workers starting together on an empty database race to create Optuna's tables (PostgreSQL:
                 # duplicate key in pg_type, or a table that already exists): the loser finds them made when it tries again
@@ -516,6 +520,9 @@ def search(
     url = storage or default_storage(study_name, studies_dir)
     ost, n_done, stor, seed = _open_study(ctx, study_name=study_name, url=url, cli_spec=cli_spec, worker=worker)
     me = f"{socket.gethostname()}:{os.getpid()}" + (f"#{worker}" if worker is not None else "")
+    stale = getattr(stor, "get_heartbeat_stale_trial_callback", getattr(stor, "get_failed_trial_callback", lambda: None))()
+    if isinstance(stale, _StaleTrials):
+        stale.say = say
     sp = ctx.space
 
     try:
@@ -538,13 +545,15 @@ def search(
     arts = _artifact_store(ost, artifact_store, ctx.study_dir, say)
     _publish_baseline(ost, arts, baseline.path, ctx.source.fingerprint)
     store = CandidateStore(ctx.study_dir, ctx.source, ctx.units, ctx.calibration, ctx.evaluator, ctx.target, baseline.latency_ms,
-                           also, artifacts=arts)
+                           also, artifacts=arts, toolchain=toolchain(ctx.source, ctx.units))
     if _warm_start_due(ost):
         _run_warm_start_once(ctx, ost, stor, me, store=store, baseline=baseline, floor=floor, n_trials=n_trials,
                              worker=worker)
     apply_narrowing(ctx, ost)
 
+    _fail_dead(ost, stor, say)
     _fail_unstarted(ost, stor, say)
+    _requeue_unreachable(ost, stor, say)
     budget = n_trials if n_trials is not None else sp.n_trials
     started = time.perf_counter()
     ran: list[int] = []  # trials this call finished (a timeout or a stop ends the budget early)
@@ -553,7 +562,8 @@ def search(
             Objective(ctx, store, baseline, floor,
                       FloatClock(baseline.path, ctx.source.example_feed, ctx.target, baseline.latency_ms, baseline.at),
                       {lbl: FloatClock(baseline.path, ctx.source.example_feed, t, ms) for lbl, (t, ms) in also.items()},
-                      worker={"id": me, "seed": seed}),
+                      worker={"id": me, "seed": seed, "host": socket.gethostname(), "pid": os.getpid(),
+                              "pidns": _pidns()}),
             n_trials=budget,
             timeout=timeout if timeout is not None else sp.timeout_s,
             catch=(CandidateError,),
@@ -623,6 +633,117 @@ def _publish_baseline(ost: optuna.Study, store: Any, path: Path, fingerprint: st
         return
     aid = upload_file(store, path, ost, name="baseline.onnx")
     ost.set_user_attr("baseline_artifact", {"id": aid, "store": where, "model_fingerprint": fingerprint})
+
+
+class _StaleTrials:
+    """The heartbeat's callback for a trial it marked FAIL (its worker stopped beating for the grace period): the
+    trial's ``fail_reason`` says which worker (host and pid), when it last beat and the trial it is retried as
+    (queued once with the same parameters, as Optuna's ``RetryHeartbeatStaleTrialCallback(max_retry=1)``), and
+    the run prints one line saying so (``say``, set by the search)."""
+
+    def __init__(self, grace: int) -> None:
+        self.grace = grace
+        self.storage: Any = None  # the RDB storage this callback belongs to
+        self.say: Callable[[str], None] = _silent
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        reason = (f"its worker {_worker_name(trial)} stopped beating: {_last_beat(self.storage, trial._trial_id)}, "
+                  f"grace period {self.grace} s")
+        _retry_failed(study, self.storage, trial, reason, self.say)
+
+
+def _worker_name(trial: optuna.trial.FrozenTrial) -> str:
+    w = trial.user_attrs.get("worker")
+    if isinstance(w, Mapping) and w.get("host") and w.get("pid"):
+        return f"{w['host']}:{w['pid']}"
+    return str(w.get("id", "?")) if isinstance(w, Mapping) else "(not recorded)"
+
+
+def _last_beat(stor: Any, trial_id: int) -> str:
+    """When a trial's worker last beat, as the database's clock tells (no worker clock is compared)."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func
+
+    if stor is None:
+        return "last beat unknown"
+    with _create_scoped_session(stor.scoped_session) as session:
+        now = session.execute(func.now()).scalar()
+        hb = models.TrialHeartbeatModel.where_trial_id(trial_id, session)
+        if hb is None or now is None:
+            return "it never beat"
+        last = hb.heartbeat.replace(tzinfo=None)
+        return f"last beat {last:%Y-%m-%d %H:%M:%S} (database clock), {(now.replace(tzinfo=None) - last).total_seconds():.0f} s before"
+
+
+def _set_finished_trial_attr(stor: Any, trial_id: int, key: str, value: Any) -> None:
+    """Set a user attribute of a finished trial (Optuna's API refuses once a trial is finished): how it failed and
+    the trial it was retried as are known only once it is FAIL and its retry queued."""
+    import json
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(stor.scoped_session, True) as session:
+        session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial_id, key=key).delete()
+        session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
+
+
+def _retry_failed(study: optuna.Study, stor: Any, trial: optuna.trial.FrozenTrial, reason: str,
+                  say: Callable[[str], None], *, max_retry: int | None = 1) -> int | None:
+    """Queue a trial this process marked FAIL once more with the same parameters (``system_attrs``: ``failed_trial``,
+    the first of the series, and ``retry_history``, as Optuna's retry callback), record why it failed and what it
+    is retried as in its ``fail_reason`` (and ``retried_as``), and say so in one line. Returns the new number."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    number: int | None = None
+    if max_retry is None or len(history) <= max_retry:
+        system = {"failed_trial": trial.number, **trial.system_attrs, "retry_history": history}
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
+                                                  distributions=trial.distributions, system_attrs=system))
+        number = max((t.number for t in study.get_trials(deepcopy=False)
+                      if t.system_attrs.get("retry_history") == history), default=None)
+    full = f"{reason}; " + (f"retried as trial {number}" if number is not None else
+                            f"not retried (retried {len(history) - 1} time(s) already)")
+    if stor is not None:
+        _set_finished_trial_attr(stor, trial._trial_id, "fail_reason", full)
+        _set_finished_trial_attr(stor, trial._trial_id, "retried_as", number)
+    say(f"[autosearch] trial {trial.number} FAIL: {full}")
+    return number
+
+
+def _fail_dead(ost: optuna.Study, stor: optuna.storages.BaseStorage, say: Callable[[str], None]) -> int:
+    """Mark FAIL (and queue again, as the heartbeat would) the RUNNING trials whose worker is a process of this
+    machine that no longer runs (its host and pid recorded in the trial's ``worker``): no need to wait out the
+    heartbeat's grace period for what is known dead. Returns how many were marked."""
+    n = 0
+    for t in ost.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        w = t.user_attrs.get("worker")
+        if not isinstance(w, Mapping) or not _dead_here(dict(w)):
+            continue
+        try:
+            if not stor.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
+                continue
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):  # another process got there first
+            continue
+        beat = _last_beat(stor, t._trial_id)
+        _retry_failed(ost, stor, stor.get_trial(t._trial_id),
+                      f"its worker {_worker_name(t)} is gone (no such process on {w['host']}; {beat})", say)
+        n += 1
+    return n
+
+
+def _requeue_unreachable(ost: optuna.Study, stor: optuna.storages.BaseStorage, say: Callable[[str], None]) -> int:
+    """Queue again the trials that failed because a profiler did not answer (``unreachable``) and were not queued
+    again yet: nothing was learnt about their candidates. Returns how many."""
+    trials = ost.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    n = 0
+    for t in trials:
+        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("unreachable") and t.number not in retried:
+            _retry_failed(ost, stor, t, str(t.user_attrs.get("fail_reason", "the profiler did not answer")), say,
+                          max_retry=None)
+            n += 1
+    return n
 
 
 def _fail_unstarted(ost: optuna.Study, stor: optuna.storages.BaseStorage, say: Callable[[str], None]) -> int:
@@ -908,11 +1029,12 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
     objectives; returns it with the number of trials already run, its storage and the sampler's seed (a
     worker's is offset by its index, so no two workers sample the same sequence)."""
     sp, stor = ctx.space, _storage(url)
+    ident = ctx.target.identity() if not ctx.also else {**ctx.target.identity(),
+                                                        "also": {lbl: t.identity() for lbl, t in ctx.also.items()}}
     meta: dict[str, Any] = {
         "model_fingerprint": ctx.source.fingerprint,
         "space_fingerprint": sp.fingerprint(),
-        "target": ctx.target.identity() if not ctx.also else {**ctx.target.identity(),
-                                                               "also": {lbl: t.identity() for lbl, t in ctx.also.items()}},
+        "target": {**ident, "toolchain": toolchain(ctx.source, ctx.units)},  # what built and timed the candidates
         "objectives": list(sp.objectives),
         "evaluator": ctx.evaluator.name,
         "evaluator_fingerprint": evaluator_fingerprint(ctx.evaluator)[0],
@@ -931,6 +1053,13 @@ def _open_study(ctx: SearchContext, *, study_name: str, url: str, cli_spec: Mapp
                 _check_same(old, meta, study_name, url)
                 meta["sampler"] = old["sampler"]
                 ctx.units = _recorded_units(ctx, old.get("units"))
+                if isinstance(old.get("target"), Mapping) and "toolchain" not in old["target"]:
+                    tools = meta["target"]["toolchain"]
+                    ctx.say("[autosearch] note: this study did not record the versions that built and timed its "
+                            "candidates (made before they were recorded): unknown, so not compared; recorded now ("
+                            + ", ".join(f"{k} {v}" for k, v in tools.items()) + "; its cached candidates are measured again)")
+                    old = {**old, "target": {**old["target"], "toolchain": tools}}
+                    existing.set_user_attr(_ATTR, old)
                 if "evaluator_fingerprint" not in old:  # made before fingerprints were recorded: record it now
                     ctx.say("[autosearch] note: this study did not record its evaluator's data, so it cannot be checked; "
                             "recorded now (its cached candidates are measured again)")
@@ -995,6 +1124,14 @@ def _check_same(old: Mapping[str, Any], new: Mapping[str, Any], name: str, url: 
     for key, what, fix in checks:
         if key == "target" and isinstance(old.get(key), Mapping) and isinstance(new.get(key), Mapping):
             diff = same_target(old[key], new[key])
+            if diff and diff.startswith("toolchain"):
+                was, now = old[key].get("toolchain", {}), new[key].get("toolchain", {})
+                changed = ", ".join(f"{k} {was.get(k, 'none')} -> {now.get(k, 'none')}" for k in sorted({*was, *now})
+                                    if was.get(k) != now.get(k))
+                raise StudyMismatchError(
+                    f"study {name!r} in {url} was built and timed with other versions ({changed}): figures of two "
+                    f"toolchains never share a front; search under a new study name (e.g. --study {name}-new), or "
+                    "reinstall the versions it was made with")
             if diff:
                 raise StudyMismatchError(
                     f"study {name!r} in {url} was timed on a different target ({key}.{diff}: "

@@ -7,6 +7,7 @@ trials repeat it): the trial records ``artifact_id`` (the model), ``metrics_arti
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,32 @@ from typing import Any
 import optuna
 
 from autosearch.candidate import sample_candidate
-from autosearch.errors import CandidateError
+from autosearch.errors import AutosearchError, CandidateError, ConfigError, SearchStopped, Stopped
+from autosearch.remote import TargetUnreachable
 from autosearch.steps import SearchContext
 from autosearch.steps.baseline import Baseline
 from autosearch.store import CandidateStore
 
-__all__ = ["FloatClock", "Objective", "Progress"]
+__all__ = ["FloatClock", "Objective", "Progress", "profiler_wait"]
+
+
+def profiler_wait() -> tuple[float, int]:
+    """(first delay in seconds, attempts) of the wait for a profiler that stopped answering: 5 s and 12, or
+    ``$AUTOSEARCH_PROFILER_RETRY_S`` and ``$AUTOSEARCH_PROFILER_ATTEMPTS``; the delay doubles each attempt, up to 60 s
+    (the defaults wait about 9 minutes in all)."""
+    def read(name: str, default: float, kind: type) -> Any:
+        raw = os.environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            val = kind(raw)
+        except ValueError:
+            val = None
+        if val is None or val < (1 if kind is int else 0):
+            raise ConfigError(f"${name} is {raw!r}: give a {'whole number >= 1' if kind is int else 'number of seconds >= 0'}")
+        return val
+
+    return float(read("AUTOSEARCH_PROFILER_RETRY_S", 5.0, float)), int(read("AUTOSEARCH_PROFILER_ATTEMPTS", 12, int))
 
 
 @dataclass
@@ -82,8 +103,9 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         try:
             return self._run(trial)
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C) while this candidate was built or measured")
+        except KeyboardInterrupt as exc:
+            trial.set_user_attr("fail_reason", f"stopped by {exc.signal_name}" if isinstance(exc, Stopped)
+                                else "interrupted (Ctrl-C) while this candidate was built or measured")
             raise
 
     def _run(self, trial: optuna.Trial) -> tuple[float, ...]:
@@ -95,7 +117,7 @@ class Objective:
         trial.set_user_attr("summary", cand.summary())
         trial.set_user_attr("onnx_path", str(self.store.model_path(cand)))
         try:
-            rec = self.store.measure(cand, floor=self.floor)
+            rec = self._measure(trial, cand)
         except CandidateError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise
@@ -125,6 +147,47 @@ class Objective:
         if rec.get("early_stopped"):
             raise optuna.TrialPruned(f"scored {acc:.4f} on a subset, below the floor {self.floor:.4f}")
         return tuple(float(rec[o]) for o in ctx.space.objectives)
+
+    def _measure(self, trial: optuna.Trial, cand: Any) -> dict[str, Any]:
+        """The store's record of the candidate; while a profiler does not answer, wait for it (announced, the delay
+        doubling up to 60 s, :func:`profiler_wait`) and measure again once it does, so an outage costs no trial.
+        When the wait runs out, the trial fails (``unreachable``: the URL; a later run queues it again) and the
+        search stops (:class:`SearchStopped`)."""
+        first, attempts = profiler_wait()
+        attempt, waited = 1, 0.0
+        while True:
+            try:
+                return self.store.measure(cand, floor=self.floor)
+            except TargetUnreachable as exc:
+                url = exc.url
+                while True:
+                    if attempt >= attempts:
+                        reason = f"the profiler at {url} did not answer ({attempts} attempts over {waited:.0f} s): {exc}"
+                        trial.set_user_attr("fail_reason", reason)
+                        trial.set_user_attr("unreachable", url)
+                        raise SearchStopped(
+                            f"the profiler at {url} did not answer ({attempts} attempts over {waited:.0f} s): the search "
+                            "stopped, its finished trials are kept; start the profiler and resume (the trial it stopped "
+                            "is run again)") from None
+                    attempt += 1
+                    delay = min(first * 2 ** (attempt - 2), 60.0)
+                    self.ctx.say(f"[autosearch] profiler at {url} not answering; retrying in {delay:g} s "
+                                 f"(attempt {attempt} of {attempts})")
+                    time.sleep(delay)
+                    waited += delay
+                    if self._answers(url):
+                        break
+
+    def _answers(self, url: str) -> bool:
+        """Whether the profiler at ``url`` (the target, or a further one) answers now."""
+        for t in (self.ctx.target, *self.ctx.also.values()):
+            if getattr(t, "url", None) == url:
+                try:
+                    t.describe()
+                except AutosearchError:
+                    return False
+                return True
+        return True  # not a target of this search (cannot be asked): measuring again asks it
 
     def _publish(self, trial: optuna.Trial, cand: Any) -> None:
         """Record the artifact ids of the trial's model and record; an upload that fails fails the trial (a
