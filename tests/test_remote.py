@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnx
+import optuna
 import pytest
 from conftest import tiny_onnx
 
@@ -201,7 +202,16 @@ def test_analysis_profiles_on_the_target() -> None:
         assert set(shares) <= {"fc1_matmul", "fc2", "(other)"} and shares.get("fc1_matmul", 0) > 0
 
 
-def test_a_profiler_lost_mid_search_fails_trials_with_the_reason(tmp_path: Path) -> None:
+def test_a_profiler_lost_mid_search_stops_the_search_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real server killed when the first trial is timed: the trial waits for it (2 short attempts here), then
+    ends FAIL with the unreachable URL and the search stops with :class:`SearchStopped`; no other trial is spent.
+
+    Catches: the TransportError branch of ``RemoteTarget._request`` raising a plain CandidateError (every remaining
+    trial of the budget fails, the search does not stop)."""
+    from autosearch.errors import SearchStopped
+
+    monkeypatch.setenv("AUTOSEARCH_PROFILER_RETRY_S", "0.2")
+    monkeypatch.setenv("AUTOSEARCH_PROFILER_ATTEMPTS", "2")
     proc, url = _start(tmp_path)
     calls: list[int] = []
 
@@ -216,11 +226,12 @@ def test_a_profiler_lost_mid_search_fails_trials_with_the_reason(tmp_path: Path)
             return super().profile(model, feed)
 
     model = tiny_onnx(tmp_path / "m.onnx")
-    study = search(str(model), target=Dying(url, token=TOKEN, **FAST), space=SPACE, study_name="d",
-                   studies_dir=tmp_path / "s", n_trials=3, verbose=False)
-    df = study.trials()
-    assert len(df) == 3 and set(df["state"]) == {"FAIL"}  # the study went on through every trial
-    assert df["reason"].str.contains(f"the profiler at {url} did not answer").all()
+    with pytest.raises(SearchStopped, match="did not answer"):
+        search(str(model), target=Dying(url, token=TOKEN, **FAST), space=SPACE, study_name="d",
+               studies_dir=tmp_path / "s", n_trials=3, verbose=False)
+    st = optuna.load_study(study_name="d", storage=f"sqlite:///{tmp_path / 's' / 'd.db'}")
+    assert [t.state.name for t in st.trials] == ["FAIL", "WAITING"]  # the stopped trial queued again for a resume
+    assert st.trials[0].user_attrs["unreachable"] == url
 
 
 # ---------------------------------------------------------------- a profiler no request can take down
