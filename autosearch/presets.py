@@ -31,7 +31,7 @@ from autosearch.errors import ConfigError
 if TYPE_CHECKING:
     from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11
 
-__all__ = ["preset_names", "preset_path", "read_preset"]
+__all__ = ["is_preset_file", "preset_names", "preset_path", "read_preset"]
 
 _PACKAGE = "autosearch.search_spaces"
 _SUFFIX = ".yaml"
@@ -91,3 +91,14 @@ def read_preset(name: str) -> str:
         ConfigError: no such preset (the message lists the presets there are).
     """
     return _find(name).read_text(encoding="utf-8")
+
+
+def is_preset_file(path: str | Path | None) -> bool:
+    """Whether ``path`` is one of the bundled presets' files (not a user's copy of one elsewhere)."""
+    if not path:
+        return False
+    try:
+        root = _root()
+    except ConfigError:
+        return False
+    return isinstance(root, Path) and Path(path).resolve().parent == root.resolve() and Path(path).suffix == _SUFFIX

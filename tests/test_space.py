@@ -175,3 +175,28 @@ def test_post_units_are_float_where_the_quant_options_leave_them_float() -> None
             seen.add(keeps)
         study.tell(trial, 0.0)
     assert seen == {True, False, "float"}
+
+
+def test_a_shipped_preset_pattern_that_matches_nothing_is_a_note_a_users_is_an_error(tmp_path: Path) -> None:
+    """``--space cnn`` on a model without a unit named ``fc`` (the preset's rank exclude): a note, units found;
+    the same YAML as the user's own file: the one-line error naming the key and the model's units.
+
+    Catches: ``_check_patterns`` raising for every space (the preset refuses most models), or never raising
+    (a typo in a user's pattern silently searches what it meant to exclude)."""
+    import shutil
+
+    from conftest import tiny_onnx
+
+    from autosearch.model import import_model
+    from autosearch.steps.units import discover_units
+
+    src = import_model(str(tiny_onnx(tmp_path / "m.onnx")))  # rank units fc1_matmul, fc2: none is "fc"
+    preset = load_space("cnn")
+    assert "fc" in preset.knobs["rank"].exclude
+    units, notes = discover_units(src, preset)
+    assert units.of("rank") and units.of("bits"), units
+    assert any("exclude pattern 'fc' matches no rank unit" in n for n in notes), notes
+    mine = tmp_path / "mycnn.yaml"
+    shutil.copy(preset.source, mine)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"'knobs.rank.exclude' pattern 'fc' in .*mycnn.yaml matches no rank unit.*fc1_matmul"):
+        discover_units(src, load_space(mine))

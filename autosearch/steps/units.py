@@ -11,6 +11,7 @@ from autosearch.candidate import SpaceUnits
 from autosearch.errors import ConfigError
 from autosearch.knobs import knobs
 from autosearch.model import SourceModel
+from autosearch.presets import is_preset_file
 from autosearch.space import KnobSpec, SearchSpace
 
 __all__ = ["discover_units", "no_units_reason"]
@@ -30,7 +31,7 @@ def discover_units(source: SourceModel, space: SearchSpace) -> tuple[SpaceUnits,
             continue
         names, knob_notes = k.find_units(source)
         notes += knob_notes
-        _check_patterns(k.name, spec, names, space)
+        notes += _check_patterns(k.name, spec, names, space)
         found[k.name] = tuple(n for n in names if spec.applies(n))
     units = SpaceUnits(found)
     for name in space.knobs:
@@ -39,10 +40,15 @@ def discover_units(source: SourceModel, space: SearchSpace) -> tuple[SpaceUnits,
     return units, notes
 
 
-def _check_patterns(name: str, spec: KnobSpec, units: list[str], space: SearchSpace) -> None:
-    """Every pattern a knob's spec names must match one of its units (else it is a typo or another model's)."""
+def _check_patterns(name: str, spec: KnobSpec, units: list[str], space: SearchSpace) -> list[str]:
+    """Every pattern a knob's spec names must match one of its units (else it is a typo or another model's).
+
+    A bundled preset is written for every model, so a pattern of it that matches nothing here is a note, not an error.
+    """
     if not units:
-        return
+        return []
+    shipped = is_preset_file(space.source)
+    notes: list[str] = []
     where = f" in {space.source}" if space.source else ""
     pats: list[tuple[str, Any]] = [("include", p) for p in spec.include if tuple(spec.include) != ("*",)]
     pats += [("exclude", p) for p in spec.exclude]
@@ -50,9 +56,14 @@ def _check_patterns(name: str, spec: KnobSpec, units: list[str], space: SearchSp
     pats += [("by_unit", p) for p in spec.by_unit]
     for key, pat in pats:
         if not any(fnmatch.fnmatchcase(u, pat) for u in units):
+            if shipped:
+                notes.append(f"knob {name!r}: the preset's {key} pattern {pat!r} matches no {name} unit of this model; "
+                             "it has no effect here")
+                continue
             shown = ", ".join(units[:10]) + (f" ... ({len(units)} in all)" if len(units) > 10 else "")
             raise ConfigError(f"'knobs.{name}.{key}' pattern {pat!r}{where} matches no {name} unit of this model; "
                               f"its {name} units are: {shown} (fix or remove the pattern; `autosearch analyze` lists them)")
+    return notes
 
 
 _QUANTIZED_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM", "MatMulNBits",
