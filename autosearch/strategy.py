@@ -102,16 +102,15 @@ def narrowed_options(
             returns the other's speed relative to the best (``None``: keep the analysis' figure);
             one noisy figure then fixes nothing.
     """
+    fixed, why = _speed_dead_ends(space, uniform, slower=slower, confirm=confirm)
     feasible = ranked_uniform(uniform, floor)
     if not feasible:
-        return {}, []
+        return fixed, why
     best = feasible[0]
     if best["speedup"] < 1.0:
-        return {}, []  # never lock the sampler into a setting slower than the float model
-    fixed: dict[str, Any] = {}
-    why: list[str] = []
+        return fixed, why  # never lock the sampler into a setting slower than the float model
     for opt, choices in space.quantization.items():
-        if len(choices) < 2 or opt not in best["quant"]:
+        if len(choices) < 2 or opt not in best["quant"] or f"quant.{opt}" in fixed:
             continue
         others: dict[Any, Mapping[str, Any] | None] = {}
         unsettled = False
@@ -145,6 +144,63 @@ def narrowed_options(
         fixed[f"quant.{opt}"] = best["quant"][opt]
         alt = ", ".join(f"{v} measured at {r:.2f}x its speed" for v, r in ratios.items() if r is not None)
         why.append(f"quant.{opt}={best['quant'][opt]} ({alt})")
+    return fixed, why
+
+
+DEAD_END = 0.5  # a uniform variant under half the float model's speed: its value is ruled out by speed alone
+
+
+def _speed_dead_ends(
+    space: SearchSpace,
+    uniform: Sequence[Mapping[str, Any]],
+    *,
+    slower: float,
+    confirm: Callable[[Mapping[str, Any], Mapping[str, Any]], float | None] | None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Options whose other values are ruled out by speed, whatever their accuracy.
+
+    A value is a dead end when its fastest uniform int8 variant runs under ``DEAD_END`` of the float model's
+    speed and under ``slower`` times the fastest variant of the option's best value, which itself beats float:
+    a per-layer mix with it runs those layers slower than float, so no candidate with it can reach the front,
+    and accuracy (which a mix might recover) does not matter. This is what settles the quantization mode on
+    models where no uniform variant meets the floor (dynamic convolutions at a tenth of float's speed).
+    """
+    built = [u for u in uniform if "error" not in u and u.get("speedup")]
+    fixed: dict[str, Any] = {}
+    why: list[str] = []
+    for opt, choices in space.quantization.items():
+        if len(choices) < 2:
+            continue
+        fastest: dict[Any, Mapping[str, Any]] = {}
+        for u in built:
+            if opt in u["quant"] and u["quant"][opt] in choices:
+                v = u["quant"][opt]
+                if v not in fastest or u["speedup"] > fastest[v]["speedup"]:
+                    fastest[v] = u
+        if len(fastest) < len(choices):
+            continue  # a value never measured: nothing rules it out
+        best_val = max(fastest, key=lambda v: fastest[v]["speedup"])
+        best = fastest[best_val]
+        if best["speedup"] <= 1.0:
+            continue
+        ratios: dict[Any, float] = {}
+        for v, u in fastest.items():
+            if v == best_val:
+                continue
+            r = u["speedup"] / best["speedup"]
+            if u["speedup"] >= DEAD_END or r >= slower:
+                break
+            if confirm is not None:
+                again = confirm(best["quant"], u["quant"])
+                if again is not None and (again >= slower or again * best["speedup"] >= DEAD_END):
+                    break
+                r = r if again is None else again
+            ratios[v] = r
+        else:
+            fixed[f"quant.{opt}"] = best_val
+            alt = ", ".join(f"{v} measured at {r:.2f}x its speed ({fastest[v]['speedup']:.2f}x float, any accuracy)"
+                            for v, r in ratios.items())
+            why.append(f"quant.{opt}={best_val} ({alt})")
     return fixed, why
 
 
@@ -424,11 +480,21 @@ def analyze(
     floor = _space_floor(space, base_accuracy)
     queue = list(jobs)
     k = 0
+    unmeasured_modes = {str(c.quant.get("mode", "static")) for _, c in queue}
+    forced = False  # over the budget, measuring only the first variant of each mode not measured yet
     while queue:
-        if k >= 1 and not affordable(per_build) or (k >= 2 and budget_s is not None and spent() > 0.5 * budget_s):
-            skipped.append(f"{len(queue)} uniform variant(s)")
-            break
+        if not forced and (k >= 1 and not affordable(per_build) or (k >= 2 and budget_s is not None and spent() > 0.5 * budget_s)):
+            # static against dynamic is the largest difference in int8 speed, and what narrowing needs to rule a
+            # mode out: its first variant is measured whatever the budget
+            firsts = [next(j for j in queue if j[1].quant.get("mode", "static") == m) for m in sorted(unmeasured_modes)
+                      if any(j[1].quant.get("mode", "static") == m for j in queue)]
+            if len(queue) > len(firsts):
+                skipped.append(f"{len(queue) - len(firsts)} uniform variant(s)")
+            if not firsts:
+                break
+            queue, forced = firsts, True
         label, cand = queue.pop(0)
+        unmeasured_modes.discard(str(cand.quant.get("mode", "static")))
         _progress(i, n, label, t0, say)
         t_job = time.perf_counter()
         try:

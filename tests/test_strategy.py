@@ -162,12 +162,18 @@ def test_measured_dead_ends_are_fixed_for_the_sampler() -> None:
     # nothing is fixed where alternatives are close, or where nothing is feasible
     uniform[2]["speedup"] = 1.6
     assert "quant.activation_type" not in narrowed_options(space, uniform, floor=0.97)[0]
+    # nothing feasible: only what speed alone rules out (dynamic under half of float's speed) is fixed
+    assert narrowed_options(space, uniform, floor=0.999)[0] == {"quant.mode": "static"}
+    uniform[3]["speedup"] = 0.6  # dynamic slow, but not a dead end by speed: nothing is fixed without a feasible variant
     assert narrowed_options(space, uniform, floor=0.999) == ({}, [])
 
 
 def test_narrowing_never_locks_into_a_mode_it_did_not_measure_feasible() -> None:
     """No uniform static variant met the floor, dynamic did but runs at a fraction of float speed:
-    the sampler must stay free to find partial static int8 mixes (they reached 1.2x on such a model)."""
+    the sampler must stay free to find partial static int8 mixes (they reached 1.2x on such a model).
+
+    Catches: the speed rule fixing a mode whose uniform variant is slow but not a dead end (0.6x float), or the
+    accuracy rule fixing the mode to the only feasible variant when it is slower than float."""
     from autosearch.strategy import narrowed_options
 
     space = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}, "quantization": {
@@ -176,7 +182,10 @@ def test_narrowing_never_locks_into_a_mode_it_did_not_measure_feasible() -> None
         {"quant": {"mode": "static", "preprocess": False}, "accuracy": 0.90, "speedup": 1.60},
         {"quant": {"mode": "dynamic", "preprocess": False}, "accuracy": 0.99, "speedup": 0.30},
     ]
-    assert narrowed_options(space, uniform, floor=0.97) == ({}, [])  # best feasible is slower than float
+    # dynamic is feasible but slower than float, static is not feasible as a uniform model: static stays open for
+    # mixes and dynamic, under half of float's speed, is ruled out by speed whatever its accuracy
+    fixed, why = narrowed_options(space, uniform, floor=0.97)
+    assert fixed == {"quant.mode": "static"} and "0.30x float, any accuracy" in why[0], why
     uniform[1]["speedup"] = 1.2
     fixed, why = narrowed_options(space, uniform, floor=0.97)
     assert "quant.mode" not in fixed and "quant.preprocess" not in fixed  # preprocess=True was never built
@@ -215,3 +224,39 @@ def test_structural_values_that_alone_break_the_floor_are_fixed_neutral() -> Non
     # no accuracy budget: nothing is hopeless
     free = SearchSpace.from_dict({"knobs": {"rank": [1.0, 0.5]}, "constraints": {"max_accuracy_drop": None}})
     assert hopeless_structural(rows[1:3], free) == ({}, [])
+
+
+def test_over_budget_the_analysis_still_measures_each_mode_and_speed_rules_out_a_slow_one(tmp_path: Path) -> None:
+    """A budget that affords one build: the analysis still measures the first uniform variant of the other mode
+    (dynamic), and that measurement, at a tenth of float's speed, fixes the mode for the sampler although no
+    uniform variant meets the floor. The figures come from a measure built for the case (real builds are not
+    needed to test the budget; what int8 does on this CPU is not asserted).
+
+    Catches: the budget cut breaking out before each mode was measured (narrowing then fixes nothing and the
+    trials go to dynamic int8), or the speed rule requiring a feasible variant."""
+    import time
+
+    from conftest import tiny_onnx
+
+    from autosearch.model import import_model
+    from autosearch.steps.units import discover_units
+    from autosearch.strategy import analyze, narrowed_options
+
+    src = import_model(str(tiny_onnx(tmp_path / "m.onnx")))
+    space = SearchSpace.from_dict({"knobs": {"bits": [32, 8]}, "quantization": {
+        "mode": ["static", "dynamic"], "activation_type": ["uint8", "int8"], "per_channel": [True, False]},
+        "strategy": {"analysis_budget": 0.01}})
+    units, _ = discover_units(src, space)
+    measured: list[dict] = []
+
+    def measure(cand):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)
+        measured.append(dict(cand.quant))
+        static = cand.quant["mode"] == "static"
+        return {"accuracy": 0.5, "latency_ms": 0.5 if static else 10.0}  # float: 1 ms; nothing meets a 0.99 floor
+
+    a = analyze(src, space, units, base_path=src.save(tmp_path / "b.onnx"), base_accuracy=1.0, base_latency_ms=1.0,
+                measure=measure, score_subset=lambda c: 0.5, say=lambda s: None, n_trials=2)
+    assert {q["mode"] for q in measured} == {"static", "dynamic"} and len(measured) < 6, measured
+    fixed, why = narrowed_options(space, a.uniform, floor=0.99)
+    assert fixed == {"quant.mode": "static"}, (fixed, why)
