@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,10 +268,14 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _target_spec(text: str) -> dict[str, Any]:
-    """``threads=2,provider=X,profiler=URL`` -> a mapping (one line naming the bad part)."""
+def _target_spec(raw: str) -> dict[str, Any]:
+    """``threads=2,provider=X,profiler=URL`` -> a mapping (one line naming the bad part, credentials hidden)."""
+    from autosearch.remote import redact_url
+
+    text = ",".join(f"profiler={redact_url(p.strip()[len('profiler='):])}" if p.strip().startswith("profiler=") else p
+                    for p in raw.split(","))  # what messages show
     out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in filter(None, (p.strip() for p in raw.split(","))):
         key, sep, val = part.partition("=")
         if not sep or key not in ("threads", "provider", "profiler"):
             raise ConfigError(f"--also-target {text!r}: {part!r} is not threads=N, provider=NAME or profiler=URL")
@@ -291,9 +295,9 @@ def _make_target(spec: dict[str, Any], studies_dir: str) -> Any:
 
     provider = (spec.get("provider", "CPUExecutionProvider"),)
     if spec.get("profiler"):
-        from autosearch.remote import RemoteTarget
+        from autosearch.remote import RemoteTarget, full_url
 
-        return RemoteTarget(str(spec["profiler"]), providers=provider, threads=int(spec.get("threads", 1)))
+        return RemoteTarget(full_url(str(spec["profiler"])), providers=provider, threads=int(spec.get("threads", 1)))
     return Target(providers=provider, threads=int(spec.get("threads", 1)), lock_path=str(Path(studies_dir) / ".profile.lock"))
 
 
@@ -336,10 +340,23 @@ def _run_search(spec: dict[str, Any], *, study: str, storage: str | None, studie
     if spec.get("also"):
         target = [target, *(_make_target(t, studies_dir) for t in spec["also"])]
     st = search(model, evaluator, example_inputs=example, space=space, target=target, study_name=study,
-                storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=spec, worker=worker,
+                storage=storage, n_trials=n_trials, timeout=timeout, studies_dir=studies_dir, cli_spec=_stored(spec), worker=worker,
                 artifact_store=artifacts)
     if show_front:
         print_front(st)
+
+
+def _stored(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec as the study keeps it: profiler URLs without their credentials (``AUTOSEARCH_PROFILER_URL``
+    gives them back on resume)."""
+    from autosearch.remote import redact_url
+
+    out = dict(spec)
+    if out.get("profiler"):
+        out["profiler"] = redact_url(str(out["profiler"]))
+    if out.get("also"):
+        out["also"] = [{**t, "profiler": redact_url(str(t["profiler"]))} if t.get("profiler") else dict(t) for t in out["also"]]
+    return out
 
 
 def _check_args(args: argparse.Namespace) -> None:

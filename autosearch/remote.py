@@ -27,7 +27,7 @@ import numpy as np
 from autosearch.errors import CandidateError, ConfigError
 from autosearch.target import LatencyStats, Target, TimingTarget
 
-__all__ = ["RemoteTarget", "TargetUnreachable", "redact_url", "target_from_identity"]
+__all__ = ["RemoteTarget", "TargetUnreachable", "full_url", "redact_url", "target_from_identity"]
 
 _HIDDEN = "***"
 
@@ -50,6 +50,22 @@ def redact_url(url: str) -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, query, _HIDDEN if parts.fragment else ""))
     except ValueError:
         return "<unparsable URL>"
+
+
+def full_url(url: str) -> str:
+    """A profiler URL as stored (credentials redacted by :func:`redact_url`) back to the one to call:
+    ``$AUTOSEARCH_PROFILER_URL`` when it redacts to ``url``; ``url`` itself when nothing was hidden in it.
+
+    Raises:
+        ConfigError: the URL had credentials and the variable is unset or names another URL.
+    """
+    if _HIDDEN not in url:
+        return url
+    full = os.environ.get("AUTOSEARCH_PROFILER_URL", "")
+    if not full or redact_url(full) != url:
+        raise ConfigError(f"the study's profiler URL {url} had credentials, which are never stored: set "
+                          "AUTOSEARCH_PROFILER_URL to the full URL")
+    return full
 
 
 class TargetUnreachable(CandidateError):
@@ -205,12 +221,6 @@ def target_from_identity(ident: Mapping[str, Any], *, lock_path: str | None = No
     threads = int(ident.get("threads", 1))
     level = str(ident.get("graph_optimization_level", "all"))
     if ident.get("kind") == "remote":
-        url = str(ident["url"])
-        if _HIDDEN in url:  # recorded without its credentials
-            full = os.environ.get("AUTOSEARCH_PROFILER_URL", "")
-            if not full or redact_url(full) != url:
-                raise ConfigError(f"the study's profiler URL {url} had credentials, which are never stored: set "
-                                  "AUTOSEARCH_PROFILER_URL to the full URL")
-            url = full
+        url = full_url(str(ident["url"]))
         return RemoteTarget(url, providers=providers, threads=threads, graph_optimization_level=level)
     return Target(providers=providers, threads=threads, graph_optimization_level=level, lock_path=lock_path)

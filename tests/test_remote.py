@@ -456,6 +456,34 @@ def test_credentials_in_the_url_are_never_shown(server: str, tmp_path: Path) -> 
     assert any("refused the token" in s for s in shown) and any("did not answer" in s for s in shown)
 
 
+def test_the_cli_stores_no_credential_and_resumes_with_the_url_from_the_environment(server: str, tmp_path: Path) -> None:
+    """A search with ``--profiler`` naming a token in its URL: the study's database holds no byte of the secret
+    (its spec keeps the redacted URL); ``resume`` refuses in one line without ``AUTOSEARCH_PROFILER_URL`` and runs
+    with it; a bad ``--also-target`` naming the URL does not echo it.
+
+    Catches: ``cli_spec=spec`` stored as given (the token at rest in the study, shown by anyone who reads it)."""
+    port = server.rsplit(":", 1)[1]
+    url = f"http://127.0.0.1:{port}/?token=s3cret-tok"
+    tiny_onnx(tmp_path / "m.onnx")
+    env = {**os.environ, "AUTOSEARCH_PROFILER_TOKEN": TOKEN}
+    env.pop("AUTOSEARCH_PROFILER_URL", None)
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "autosearch", *args], check=False, capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300, env={**env, **extra})
+
+    out = cli("search", "--model", "m.onnx", "--space", "quant", "--study", "r", "--n-trials", "1", "--profiler", url)
+    assert out.returncode == 0, out.stderr
+    db = (tmp_path / "studies" / "r.db").read_bytes()
+    assert b"s3cret" not in db and b"token=***" in db
+    out = cli("resume", "r", "--n-trials", "1")
+    assert out.returncode == 2 and "AUTOSEARCH_PROFILER_URL" in out.stderr and "s3cret" not in out.stderr, out.stderr
+    out = cli("resume", "r", "--n-trials", "1", AUTOSEARCH_PROFILER_URL=url)
+    assert out.returncode == 0, out.stderr
+    out = cli("search", "--model", "m.onnx", "--study", "r2", "--also-target", f"profiler={url},bogus=1")
+    assert out.returncode == 2 and "bogus" in out.stderr and "s3cret" not in out.stderr + out.stdout, out.stderr
+
+
 def test_threads_over_the_cores_are_clamped_with_one_note(tmp_path: Path) -> None:
     """Catches: `autosearch search --threads 100000` spawning threads for minutes with nothing printed."""
     from autosearch.target import cpu_cores
