@@ -167,7 +167,7 @@ def test_search_on_keras_cnn_with_all_three_knobs(keras_cnn, digits_nhwc, tmp_pa
           reduce_range: [true]  # 7-bit weights: this CI's CPUs have no VNNI, u8s8 saturates the first Conv otherwise
           calibration_samples: 32
         constraints:
-          max_accuracy_drop: 1.0  # every trial runs to the end: the test is that they complete, not how good they are
+          max_accuracy_drop: null  # every trial runs to the end: the test is that they complete, not how good they are
         strategy:
           analysis: false
           remeasure_front: false
